@@ -1,0 +1,165 @@
+/**
+ * Memory the kernel reads or writes: rings, SQE arrays, I/O buffers, iovecs, timespecs.
+ *
+ * The rule this module enforces: an address handed to the kernel must point at memory that no
+ * garbage collector can move or free. V8 may keep small typed arrays on its movable heap, and a
+ * Buffer freed before its completion arrives turns into a use-after-free in the kernel. So every
+ * such byte lives in a {@link Mapping} we obtained with mmap(2) ourselves; JS sees it through a
+ * zero-copy `koffi.view` ArrayBuffer, and it stays mapped until {@link Mapping.unmap} is called
+ * explicitly (after the last completion that uses it).
+ */
+import koffi from 'koffi';
+import * as sys from './sys.js';
+import { MAP_ANONYMOUS, MAP_POPULATE, MAP_PRIVATE, MAP_SHARED, MADV_DONTFORK, PROT_READ, PROT_WRITE } from './abi.js';
+
+/** Rounds `n` up to a multiple of the page size. */
+export function pageAlign(n: number): number {
+  return Math.ceil(n / sys.PAGE_SIZE) * sys.PAGE_SIZE;
+}
+
+export interface AnonymousOptions {
+  /** Fault the pages in now (MAP_POPULATE), so the first I/O does not pay for it. */
+  populate?: boolean;
+  /**
+   * Keep the pages out of a forked child (MADV_DONTFORK). Registered buffers want this: a
+   * fork would otherwise make them copy-on-write in the parent and the kernel's pinned pages
+   * would no longer be the ones the parent sees.
+   */
+  dontFork?: boolean;
+}
+
+/** One mmapped region, with typed views over it. */
+export class Mapping {
+  /** The address, as a number (user-space addresses are below 2^47, so exact). */
+  readonly address: number;
+  /** The mapped length in bytes (a multiple of the page size). */
+  readonly length: number;
+  private buf: ArrayBuffer | null;
+  private u8_: Uint8Array | null = null;
+  private u32_: Uint32Array | null = null;
+  private dv_: DataView | null = null;
+
+  /** False for a window made by {@link slice}: unmapping it is the parent's business. */
+  private readonly owner: boolean;
+
+  private constructor(address: number, length: number, owner = true) {
+    this.address = address;
+    this.length = length;
+    this.owner = owner;
+    this.buf = koffi.view(address, length) as ArrayBuffer;
+  }
+
+  /**
+   * A non-owning window over `[offset, offset + length)` of this mapping: its own views start at
+   * `offset`, its `unmap()` does nothing, and it dies with the parent.
+   */
+  slice(offset: number, length = this.length - offset): Mapping {
+    if (offset < 0 || length <= 0 || offset + length > this.length) {
+      throw new RangeError(`slice(${offset}, ${length}) outside a mapping of ${this.length}`);
+    }
+    return new Mapping(this.address + offset, length, false);
+  }
+
+  /** Anonymous private memory, zero-filled and page-aligned: for buffers and small structs. */
+  static anonymous(length: number, opts: AnonymousOptions = {}): Mapping {
+    const len = pageAlign(Math.max(1, length));
+    const flags = MAP_PRIVATE | MAP_ANONYMOUS | (opts.populate ? MAP_POPULATE : 0);
+    const addr = sys.mmap(0, len, PROT_READ | PROT_WRITE, flags, -1, 0);
+    if (opts.dontFork) {
+      try {
+        sys.madvise(addr, len, MADV_DONTFORK);
+      } catch (e) {
+        sys.munmap(addr, len);
+        throw e;
+      }
+    }
+    return new Mapping(addr, len);
+  }
+
+  /** A shared mapping of `fd` at `offset` (ring memory, ublk descriptor arrays). */
+  static file(fd: number, length: number, offset: number, prot = PROT_READ | PROT_WRITE, populate = true): Mapping {
+    const len = pageAlign(length);
+    const addr = sys.mmap(0, len, prot, MAP_SHARED | (populate ? MAP_POPULATE : 0), fd, offset);
+    return new Mapping(addr, len);
+  }
+
+  get mapped(): boolean {
+    return this.buf !== null;
+  }
+
+  /** The whole region as an ArrayBuffer (zero-copy; invalid after unmap). */
+  get buffer(): ArrayBuffer {
+    if (this.buf === null) throw new Error('mapping used after unmap');
+    return this.buf;
+  }
+
+  get u8(): Uint8Array {
+    return (this.u8_ ??= new Uint8Array(this.buffer));
+  }
+
+  get u32(): Uint32Array {
+    return (this.u32_ ??= new Uint32Array(this.buffer));
+  }
+
+  /** A little-endian-agnostic DataView: always pass `true` for little endian. */
+  get view(): DataView {
+    return (this.dv_ ??= new DataView(this.buffer));
+  }
+
+  /** A Buffer over `[offset, offset + length)` of this mapping (zero-copy). */
+  bytes(offset = 0, length = this.length - offset): Buffer {
+    if (offset < 0 || length < 0 || offset + length > this.length) {
+      throw new RangeError(`bytes(${offset}, ${length}) outside a mapping of ${this.length}`);
+    }
+    return Buffer.from(this.buffer, offset, length);
+  }
+
+  /**
+   * Unmaps the region. Every view handed out before stays pointing at unmapped memory: touching
+   * one afterwards is a SIGSEGV, which is why callers unmap only once the kernel and JS are done.
+   * V8 cannot detach a koffi external buffer, so we drop our own references and refuse further use.
+   */
+  unmap(): void {
+    if (this.buf === null) return;
+    this.buf = null;
+    this.u8_ = null;
+    this.u32_ = null;
+    this.dv_ = null;
+    if (this.owner) sys.munmap(this.address, this.length);
+  }
+
+  [Symbol.dispose](): void {
+    this.unmap();
+  }
+}
+
+/**
+ * A simple bump allocator over one Mapping, for small kernel-visible structs that live as long
+ * as their owner (iovec arrays, timespecs, register arguments). Not a general-purpose heap.
+ */
+export class Arena {
+  readonly mapping: Mapping;
+  private next = 0;
+  constructor(length: number) {
+    this.mapping = Mapping.anonymous(length);
+  }
+  /** Reserves `size` bytes aligned to `align`; returns the byte offset in the mapping. */
+  alloc(size: number, align = 8): number {
+    const off = Math.ceil(this.next / align) * align;
+    if (off + size > this.mapping.length) {
+      throw new RangeError(`arena of ${this.mapping.length} bytes cannot hold ${size} more`);
+    }
+    this.next = off + size;
+    return off;
+  }
+  /** Forgets every allocation (the memory stays mapped). */
+  reset(): void {
+    this.next = 0;
+  }
+  addressOf(offset: number): number {
+    return this.mapping.address + offset;
+  }
+  unmap(): void {
+    this.mapping.unmap();
+  }
+}

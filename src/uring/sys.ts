@@ -1,0 +1,175 @@
+/**
+ * The thin system-call layer: every call into the kernel this project makes goes through here.
+ *
+ * There is no native addon of ours. koffi binds glibc's `syscall()` and a few libc wrappers;
+ * errno is read with `koffi.errno()` immediately after the call, before any other JS that could
+ * make a libc call, and turned into a {@link SysError} that names the call and the errno.
+ *
+ * Hot-path calls use fixed (non-variadic) prototypes: koffi analyses a variadic call afresh on
+ * every invocation, measured here at ~225 ns more per call. glibc's `syscall` is assembly that
+ * only moves integer registers, so calling it through a fixed all-`long` prototype is exact on
+ * x86-64 and AArch64 Linux (every argument is an integer or an address passed as a number).
+ */
+import koffi from 'koffi';
+import { constants as osConstants } from 'node:os';
+import {
+  SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register, SYS_gettid, SYS_eventfd2,
+} from './abi.js';
+
+const libc = koffi.load('libc.so.6');
+
+// `long syscall(long number, ...)` through fixed prototypes. Six parameters keep koffi on its
+// fast call path; io_uring_enter with an extended argument needs the seventh (argsz).
+const syscall3 = libc.func('long syscall(long nr, long a, long b, long c)');
+const syscall6 = libc.func('long syscall(long nr, long a, long b, long c, long d, long e)');
+const syscall7 = libc.func('long syscall(long nr, long a, long b, long c, long d, long e, long f)');
+
+// Addresses travel as JS numbers: user-space addresses on x86-64/AArch64 are below 2^47, so they
+// are exact doubles, and numbers avoid a BigInt allocation per call.
+const mmap_ = libc.func('intptr_t mmap(intptr_t addr, size_t len, int prot, int flags, int fd, int64_t off)');
+const munmap_ = libc.func('int munmap(intptr_t addr, size_t len)');
+const madvise_ = libc.func('int madvise(intptr_t addr, size_t len, int advice)');
+const open_ = libc.func('int open(const char *path, int flags, uint32_t mode)');
+const close_ = libc.func('int close(int fd)');
+const pread_ = libc.func('intptr_t pread(int fd, intptr_t buf, size_t count, int64_t off)');
+const pwrite_ = libc.func('intptr_t pwrite(int fd, intptr_t buf, size_t count, int64_t off)');
+const read_ = libc.func('intptr_t read(int fd, intptr_t buf, size_t count)');
+const write_ = libc.func('intptr_t write(int fd, intptr_t buf, size_t count)');
+const getpagesize_ = libc.func('int getpagesize(void)');
+
+const errnoNames = new Map<number, string>();
+for (const [name, value] of Object.entries(osConstants.errno)) {
+  if (!errnoNames.has(value)) errnoNames.set(value, name);
+}
+
+/** The symbolic name of an errno value (`EINVAL`), or `E<number>` if Node does not know it. */
+export function errnoName(errno: number): string {
+  return errnoNames.get(errno) ?? `E${errno}`;
+}
+
+/** The errno value of a symbolic name; throws on a name Node does not know. */
+export function errnoOf(name: string): number {
+  const v = (osConstants.errno as Record<string, number>)[name];
+  if (v === undefined) throw new Error(`unknown errno name ${name}`);
+  return v;
+}
+
+/**
+ * A failed system call. `code` is the errno name (`EINVAL`), `errno` the positive number and
+ * `call` the call with its arguments, so the message reads `EINVAL from io_uring_setup(entries=8, ...)`.
+ */
+export class SysError extends Error {
+  readonly errno: number;
+  readonly code: string;
+  readonly call: string;
+  constructor(errno: number, call: string, hint?: string) {
+    const code = errnoName(errno);
+    super(`${code} from ${call}${hint ? `: ${hint}` : ''}`);
+    this.name = 'SysError';
+    this.errno = errno;
+    this.code = code;
+    this.call = call;
+  }
+}
+
+/** Throws a SysError for a -1 return, reading errno at once. Returns the result as a number. */
+function check(ret: number | bigint, call: () => string): number {
+  const r = Number(ret);
+  if (r === -1) {
+    const e = koffi.errno();
+    throw new SysError(e, call());
+  }
+  return r;
+}
+
+/**
+ * Like {@link check} but returns `-errno` instead of throwing: for the ring's hot path, where
+ * EINTR/EAGAIN/EBUSY are expected outcomes, not exceptions.
+ */
+function negErrno(ret: number | bigint): number {
+  const r = Number(ret);
+  return r === -1 ? -koffi.errno() : r;
+}
+
+export const PAGE_SIZE: number = getpagesize_();
+
+/** `io_uring_setup(2)`: `params` is the address of a 120-byte `struct io_uring_params`. */
+export function ioUringSetup(entries: number, params: number): number {
+  return check(syscall3(SYS_io_uring_setup, entries, params, 0), () => `io_uring_setup(entries=${entries})`);
+}
+
+/**
+ * `io_uring_enter(2)` without an extended argument. Returns the kernel's result, or `-errno`
+ * (never throws): the caller decides which errors are back-pressure and which are bugs.
+ */
+export function ioUringEnter(fd: number, toSubmit: number, minComplete: number, flags: number): number {
+  // The sixth kernel argument (argsz) is left unset: the kernel reads it only with EXT_ARG or a
+  // non-NULL sigmask pointer, and we pass argp = 0.
+  return negErrno(syscall6(SYS_io_uring_enter, fd, toSubmit, minComplete, flags, 0));
+}
+
+/** `io_uring_enter(2)` with `argp`/`argsz` (IORING_ENTER_EXT_ARG). Returns result or `-errno`. */
+export function ioUringEnterArg(
+  fd: number, toSubmit: number, minComplete: number, flags: number, arg: number, argSize: number,
+): number {
+  return negErrno(syscall7(SYS_io_uring_enter, fd, toSubmit, minComplete, flags, arg, argSize));
+}
+
+/** `io_uring_register(2)`. Returns the kernel's result or `-errno`. */
+export function ioUringRegister(fd: number, opcode: number, arg: number, nrArgs: number): number {
+  return negErrno(syscall6(SYS_io_uring_register, fd, opcode, arg, nrArgs, 0));
+}
+
+/** `mmap(2)`; returns the address as a number. */
+export function mmap(addr: number, length: number, prot: number, flags: number, fd: number, offset: number): number {
+  const r = Number(mmap_(addr, length, prot, flags, fd, offset));
+  if (r === -1) {
+    const e = koffi.errno();
+    throw new SysError(e, `mmap(len=${length}, prot=${prot}, flags=0x${flags.toString(16)}, fd=${fd}, off=0x${offset.toString(16)})`);
+  }
+  return r;
+}
+
+export function munmap(addr: number, length: number): void {
+  check(munmap_(addr, length), () => `munmap(0x${addr.toString(16)}, ${length})`);
+}
+
+export function madvise(addr: number, length: number, advice: number): void {
+  check(madvise_(addr, length, advice), () => `madvise(0x${addr.toString(16)}, ${length}, ${advice})`);
+}
+
+export function open(path: string, flags: number, mode = 0o644): number {
+  return check(open_(path, flags, mode), () => `open(${JSON.stringify(path)}, 0o${flags.toString(8)})`);
+}
+
+export function close(fd: number): void {
+  check(close_(fd), () => `close(${fd})`);
+}
+
+/** `pread(2)` into memory at `addr` (an address we mapped). */
+export function pread(fd: number, addr: number, count: number, offset: number): number {
+  return check(pread_(fd, addr, count, offset), () => `pread(fd=${fd}, count=${count}, off=${offset})`);
+}
+
+/** `pwrite(2)` from memory at `addr` (an address we mapped). */
+export function pwrite(fd: number, addr: number, count: number, offset: number): number {
+  return check(pwrite_(fd, addr, count, offset), () => `pwrite(fd=${fd}, count=${count}, off=${offset})`);
+}
+
+export function read(fd: number, addr: number, count: number): number {
+  return check(read_(fd, addr, count), () => `read(fd=${fd}, count=${count})`);
+}
+
+export function write(fd: number, addr: number, count: number): number {
+  return check(write_(fd, addr, count), () => `write(fd=${fd}, count=${count})`);
+}
+
+/** `eventfd(2)` through the raw syscall. */
+export function eventfd(initval: number, flags: number): number {
+  return check(syscall3(SYS_eventfd2, initval, flags, 0), () => `eventfd(${initval}, 0x${flags.toString(16)})`);
+}
+
+/** The calling thread's kernel task id (differs per worker thread; equals the pid on the main thread). */
+export function gettid(): number {
+  return Number(syscall3(SYS_gettid, 0, 0, 0));
+}
