@@ -156,6 +156,8 @@ export class IoUring {
   readonly cqeWords: number;
   /** The CQ ring as u32 words (CQEs are read from here at the indexes peek returns). */
   readonly cq: Uint32Array;
+  /** Word index in {@link cq} of CQE slot 0; slot i starts at `cqeBase + i * cqeWords`. */
+  readonly cqeBase: number;
 
   private readonly sq: Uint32Array;
   private readonly sqHead: number;
@@ -168,7 +170,6 @@ export class IoUring {
   private readonly cqTail: number;
   private readonly cqOverflow: number;
   private readonly cqMask: number;
-  private readonly cqeBase: number;
   private readonly cqeShift: number;
 
   /** Next SQE slot to hand out (liburing's sqe_tail). */
@@ -811,6 +812,10 @@ export class IoUring {
    */
   close(): void {
     if (this.closed) return;
+    // A registered ring fd lives in this task's io_uring context and holds a file reference:
+    // without unregistering, closing our fd would leave the ring alive until the thread exits
+    // (and after 16 such leaks REGISTER_RING_FDS says EBUSY).
+    if (this.registeredIndex >= 0) this.unregisterRingFd();
     this.closed = true;
     this.sqeMap.unmap();
     this.cqMap?.unmap();
