@@ -75,6 +75,13 @@ export interface RingOptions {
   sqThreadCpu?: number;
   /** Try IORING_SETUP_NO_SQARRAY first (default true). */
   noSqArray?: boolean;
+  /**
+   * Register the ring fd with the creating thread (IORING_REGISTER_RING_FDS, 5.18) so every
+   * enter skips the fd-table lookup. Default true. Node is always multi-threaded, and in a
+   * multi-threaded process each fdget() of the ring takes an atomic reference: measured ~15%
+   * of a one-NOP round trip. Silently skipped where the kernel lacks it.
+   */
+  registerRingFd?: boolean;
 }
 
 /** The result of `IORING_REGISTER_PROBE`: which opcodes the running kernel supports. */
@@ -302,6 +309,23 @@ export class IoUring {
     }
     this.sqeTail = this.sqeHead = this.cachedSqHead = this.sq[this.sqHead]!;
     this.localCqHead = this.cq[this.cqHead]!;
+    if (opts.registerRingFd !== false) {
+      try {
+        this.registerRingFd();
+      } catch (e) {
+        // EINVAL: kernel before 5.18. EBUSY: this thread's 16 slots are taken. Both are fine:
+        // enter works with the plain fd, only a little slower.
+        if (!(e instanceof SysError && (e.code === 'EINVAL' || e.code === 'EBUSY'))) {
+          this.close();
+          throw e;
+        }
+      }
+    }
+  }
+
+  /** The index of the registered ring fd, or -1 if enter uses the plain fd. */
+  get registeredRingIndex(): number {
+    return this.registeredIndex;
   }
 
   /** Names of the IORING_FEAT_* bits the kernel reported. */
@@ -815,7 +839,14 @@ export class IoUring {
     // A registered ring fd lives in this task's io_uring context and holds a file reference:
     // without unregistering, closing our fd would leave the ring alive until the thread exits
     // (and after 16 such leaks REGISTER_RING_FDS says EBUSY).
-    if (this.registeredIndex >= 0) this.unregisterRingFd();
+    if (this.registeredIndex >= 0) {
+      try {
+        this.unregisterRingFd();
+      } catch {
+        // Only the registering thread can unregister; from elsewhere the entry goes away when
+        // that thread exits. Closing must still release everything else.
+      }
+    }
     this.closed = true;
     this.sqeMap.unmap();
     this.cqMap?.unmap();

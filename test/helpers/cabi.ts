@@ -244,7 +244,7 @@ export async function checkAbi(t: Test, exports: Record<string, unknown>, opts: 
         const missingOutput = items.filter((i) => !values.has(i.label)
           && !absent.some((a) => a.item === i) && !broken.some((b) => b.item === i));
         for (const item of missingOutput) t.fail(`${item.label}: compiled but the program printed no value`);
-        for (const { item, error } of broken) t.fail(`${item.label} does not compile against ${set.name}: ${error}`);
+        for (const { item, error } of broken) t.fail(`${item.label} is not an integer constant in ${set.name}: ${error}`);
         if (absent.length) {
           t.comment(`absent from ${set.name}: ${absent.map((a) => a.item.label).join(', ')}`);
           if (set.mustHaveAll) {

@@ -141,8 +141,12 @@ t.test('a registered eventfd is signalled per completion', (t) => {
 });
 
 t.test('registered ring fd: enters use the index and still work', (t) => {
+  const plain = new IoUring(8, { registerRingFd: false });
+  t.equal(plain.registeredRingIndex, -1, 'opted out');
+  plain.close();
   const ring = new IoUring(8);
   t.teardown(() => ring.close());
+  t.ok(ring.registeredRingIndex >= 0, 'registered by default');
   const idx = ring.registerRingFd();
   t.ok(idx >= 0 && idx < 16, `index ${idx}`);
   t.equal(ring.registerRingFd(), idx, 'idempotent');
@@ -153,6 +157,7 @@ t.test('registered ring fd: enters use the index and still work', (t) => {
     t.same(runAll(ring, 1).map((c) => c.userData), [round]);
   }
   ring.unregisterRingFd();
+  t.equal(ring.registeredRingIndex, -1);
   const w = ring.getSqe();
   prepNop(ring.sqes, w);
   setUserData(ring.sqes, w, 9);
