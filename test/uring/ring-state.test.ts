@@ -180,3 +180,43 @@ t.test('NO_SQARRAY falls back like liburing; both layouts work', (t) => {
   }
   t.end();
 });
+
+t.test('a short submit leaves the rest in the ring, counted from the kernel head (liburing #92)', (t) => {
+  const ring = new IoUring(8, { noSqArray: false });
+  t.teardown(() => ring.close());
+  for (let i = 0; i < 4; i++) {
+    const w = ring.getSqe();
+    prepNop(ring.sqes, w);
+    setUserData(ring.sqes, w, i);
+    if (i === 1) ring.sqes[w] = 0xfe; // an opcode no kernel has: fails when the kernel reads it
+  }
+  const first = ring.submit();
+  const st = ring.sqState();
+  t.comment(`kernel consumed ${first} of 4`);
+  t.equal(st.head, first, 'the kernel head says how many were consumed');
+  t.equal(ring.sqReady(), 4 - first, 'the rest is still pending in the ring');
+  const second = first < 4 ? ring.submit() : 0;
+  t.equal(first + second, 4, 'the next submit sends exactly the remainder');
+  const got = reap(ring, 4);
+  t.same(got.map((c) => c.userData), [0, 1, 2, 3], 'one CQE per SQE, the bad one included');
+  t.equal(got[1]!.res, -22, 'the bad opcode completes with -EINVAL');
+  t.end();
+});
+
+t.test('SQPOLL: the kernel thread sleeps when idle and submit wakes it', async (t) => {
+  let ring: IoUring;
+  try {
+    ring = new IoUring(8, { flags: abi.IORING_SETUP_SQPOLL, sqThreadIdle: 10 });
+  } catch (e) {
+    t.skip(`SQPOLL refused: ${(e as Error).message}`);
+    return;
+  }
+  t.teardown(() => ring.close());
+  await new Promise((r) => setTimeout(r, 100)); // idle well past sq_thread_idle
+  t.ok(ring.sqState().flags & abi.IORING_SQ_NEED_WAKEUP, 'the poller went to sleep and says so');
+  const w = ring.getSqe();
+  prepNop(ring.sqes, w);
+  setUserData(ring.sqes, w, 5);
+  ring.submit();
+  t.same(reap(ring, 1).map((c) => c.userData), [5], 'the wakeup enter got it processed');
+});
