@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# `npm run setup`: the Debian packages the tests and benchmarks need, installed if missing.
+# `npm run setup`: the Debian packages the host tests and benchmarks need, installed if missing.
+# `npm run setup:vm` (this script with --vm): also the VM tooling and both test kernels.
 #   gcc, libc6-dev   the ABI conformance test compiles C against real kernel headers
 #   dpkg, apt        fetch and unpack Debian sid's linux-libc-dev (scripts/debian-fetch.sh)
 #   liburing-dev     the C reference of the ring benchmark (bench/uring-ref.c)
 #   fio              the fio reference of the ring benchmark
-# Then it warms the cache of sid headers so the first test run does not wait for the download.
+# With --vm, for the test VM (test/vm/runner.ts):
+#   qemu-system-x86  the VM (software emulation where KVM cannot run the kernels)
+#   busybox-static, cpio, kmod, xz-utils  the initramfs and module handling
+#   e2fsprogs        mkfs/fsck for the file-system tests run in the guest
+# Then it warms the caches (sid headers; with --vm the LTS and newest kernels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+vm=0
+[ "${1:-}" = --vm ] && vm=1
 pkgs=(gcc libc6-dev liburing-dev fio ca-certificates)
+[ $vm = 0 ] || pkgs+=(qemu-system-x86 busybox-static cpio kmod xz-utils e2fsprogs)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -24,4 +32,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 cache=${UBLK_CACHE:-$HOME/.cache/ublk}
 scripts/debian-fetch.sh sid "$cache/debs/sid" linux-libc-dev >/dev/null
-echo "setup: done (Debian packages present; sid linux-libc-dev in $cache/debs/sid)" >&2
+if [ $vm = 1 ]; then
+  for k in lts newest; do
+    dir=$(scripts/vm-kernel.sh "$k")
+    echo "setup: kernel $k: $(cat "$dir/package")" >&2
+  done
+fi
+echo "setup: done" >&2

@@ -3,47 +3,67 @@
 //
 // 1. Host tests (tap, test/**/*.test.ts) on the running kernel: the io_uring layer and the ABI
 //    conformance checks against real headers.
-// 2. VM tests (ublk_drv on Linux 6.12 LTS and the newest Debian kernel): not part of this
-//    version yet; reported as not run, with the reason, never as passed.
+// 2. VM tests: test/vm/*.vm.ts inside a VM (test/vm/runner.ts) on Linux 6.12 LTS and the newest
+//    Debian kernel (UBLK_VM_KERNELS overrides the list), where ublk_drv exists. Without the VM
+//    tooling they are reported as not run, with the reason, never as passed.
 //
 // The last line is `N passed, N failed, N skipped` (tap's assertion counts), which CI reads.
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import { release } from 'node:os';
 
-function runTap(args) {
+/** Runs `node ...argv`, streaming its stdout, and reads tap's closing summary from it. */
+function runTap(argv) {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, ['node_modules/tap/dist/esm/run.mjs', ...args], {
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
+    const child = spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'inherit'] });
     let tail = '';
     child.stdout.on('data', (chunk) => {
       process.stdout.write(chunk);
       tail = (tail + chunk.toString()).slice(-4096);
     });
     child.on('close', (code) => {
-      // tap's closing line: "# { total: 1283, pass: 1280, fail: 1, skip: 2 }"
-      const m = tail.match(/# \{ total: (\d+)([^}]*)\}/);
+      // tap's closing line at the root level: "# { total: 1283, pass: 1280, fail: 1, skip: 2 }"
+      const all = [...tail.matchAll(/^# \{ total: (\d+)([^}]*)\}/gm)];
+      const m = all[all.length - 1];
       const field = (name) => Number((m?.[2].match(new RegExp(`${name}: (\\d+)`)) ?? [])[1] ?? 0);
-      resolve({
-        code,
-        found: Boolean(m),
-        total: m ? Number(m[1]) : 0,
-        pass: field('pass'),
-        fail: field('fail'),
-        skip: field('skip') + field('todo'),
-      });
+      resolve({ code, found: Boolean(m), total: m ? Number(m[1]) : 0, pass: field('pass'), fail: field('fail'), skip: field('skip') + field('todo') });
     });
   });
 }
 
-const host = await runTap(['--reporter=tap', ...process.argv.slice(2)]);
-let failed = host.fail;
-if (!host.found || host.code !== 0) {
-  // tap itself failed (a crash, a timeout, a file that did not load): count it as a failure even
-  // if no assertion said "not ok".
-  if (failed === 0) failed = 1;
-  console.log(`# host tests: tap exited with ${host.code}${host.found ? '' : ' and printed no summary'}`);
+const totals = { pass: 0, fail: 0, skip: 0 };
+const lines = [];
+function count(name, r) {
+  let fail = r.fail;
+  if (!r.found || r.code !== 0) {
+    // The runner itself failed (a crash, a timeout, a file that did not load, a VM that did not
+    // boot): a failure even if no assertion said "not ok".
+    if (fail === 0) fail = 1;
+    lines.push(`# ${name}: exited with ${r.code}${r.found ? '' : ' and printed no summary'}`);
+  }
+  totals.pass += r.pass;
+  totals.fail += fail;
+  totals.skip += r.skip;
+  lines.push(`# ${name}: ${r.pass} passed, ${fail} failed, ${r.skip} skipped`);
 }
-console.log(`# host tests (kernel ${(await import('node:os')).release()}): ${host.pass} passed, ${host.fail} failed, ${host.skip} skipped`);
-console.log('# VM tests (ublk_drv on 6.12 LTS and newest): not run: the VM runner is not part of this version yet');
-console.log(`${host.pass} passed, ${failed} failed, ${host.skip} skipped`);
-process.exitCode = failed > 0 ? 1 : 0;
+
+const t0 = Date.now();
+count(`host tests (kernel ${release()})`, await runTap(['node_modules/tap/dist/esm/run.mjs', '--reporter=tap', ...process.argv.slice(2)]));
+lines.push(`#   (${((Date.now() - t0) / 1000).toFixed(0)} s)`);
+
+const missing = ['qemu-system-x86_64', 'busybox', 'cpio', 'depmod', 'modprobe']
+  .find((tool) => spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0);
+if (missing) {
+  lines.push(`# VM tests: NOT RUN: ${missing} is not installed (npm run setup:vm installs the VM tooling and kernels)`);
+} else {
+  for (const kernel of (process.env.UBLK_VM_KERNELS ?? 'lts newest').split(/\s+/).filter(Boolean)) {
+    const started = Date.now();
+    console.log(`# VM suite on kernel '${kernel}'`);
+    const r = await runTap(['--import', 'tsx', 'scripts/vm.ts', '--kernel', kernel, '--timeout', '1500', '--',
+      'node', '--import', 'tsx', 'test/vm/run-in-vm.ts']);
+    count(`VM tests on kernel '${kernel}'`, r);
+    lines.push(`#   (${((Date.now() - started) / 1000).toFixed(0)} s including boot)`);
+  }
+}
+for (const l of lines) console.log(l);
+console.log(`${totals.pass} passed, ${totals.fail} failed, ${totals.skip} skipped`);
+process.exitCode = totals.fail > 0 ? 1 : 0;
