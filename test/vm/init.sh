@@ -40,6 +40,8 @@ mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t proc proc /newroot/proc
 mount -t sysfs sysfs /newroot/sys
+# A project under /tmp sits below the guest's own tmpfs: make its mount point there.
+mkdir -p "/newroot$PROJECT" 2>/dev/null
 mount -t 9p -o "$opts" project "/newroot$PROJECT" || die "mount project at $PROJECT"
 mkdir -p /newroot/run/ublk-vm
 mount -t 9p -o "$opts" job /newroot/run/ublk-vm || die "mount job directory"
