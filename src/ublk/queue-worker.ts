@@ -1,0 +1,50 @@
+/**
+ * Entry point of a queue's worker thread: loads the target module, opens the queue and serves it
+ * (src/ublk/queue.ts) in a loop that blocks in io_uring_enter. Talks to the server (server.ts)
+ * with three messages: `fetched` (every tag armed: START_DEV may go), `done` (the device stopped
+ * and everything is released) and `error`.
+ */
+import { parentPort, workerData } from 'node:worker_threads';
+import { Queue } from './queue.js';
+import type { TargetDefinition } from './target.js';
+
+export interface QueueWorkerData {
+  devId: number;
+  qid: number;
+  depth: number;
+  maxIoBufBytes: number;
+  flags: number;
+  targetUrl: string;
+  targetOptions: unknown;
+  wakeFd: number;
+  /** Int32Array over it: [0] = 1 asks the queue to stop at the next wake-up. */
+  control: SharedArrayBuffer;
+}
+
+const data = workerData as QueueWorkerData;
+const port = parentPort!;
+try {
+  const mod = (await import(data.targetUrl)) as { default: TargetDefinition<unknown> };
+  const handler = mod.default.openQueue(data.targetOptions, { qid: data.qid, depth: data.depth });
+  const control = new Int32Array(data.control);
+  const q = new Queue({
+    devId: data.devId,
+    qid: data.qid,
+    depth: data.depth,
+    maxIoBufBytes: data.maxIoBufBytes,
+    flags: data.flags,
+    handler,
+    wakeFd: data.wakeFd,
+    onFetched: () => port.postMessage({ kind: 'fetched', qid: data.qid }),
+    onWake: () => Atomics.load(control, 0) === 1,
+  });
+  let served = 0;
+  try {
+    served = q.run();
+  } finally {
+    q.close();
+  }
+  port.postMessage({ kind: 'done', qid: data.qid, served });
+} catch (e) {
+  port.postMessage({ kind: 'error', qid: data.qid, message: (e as Error).message, stack: (e as Error).stack });
+}

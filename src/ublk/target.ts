@@ -1,0 +1,100 @@
+/**
+ * The target interface: what a block device implementation (null, loop, mem, ...) provides.
+ *
+ * A target is a module whose default export is a {@link TargetDefinition}. It is loaded twice:
+ * on the main thread, where `prepare` turns options into the device's shape (size, block sizes,
+ * limits), and in each queue's worker thread, where `openQueue` returns the handler that serves
+ * that queue's requests. Options therefore travel as JSON between the two.
+ *
+ * A handler is ring-native: `handle` runs on the queue's thread between two io_uring_enter
+ * calls and must not block. It either returns the result at once (null) or issues its own SQEs
+ * on the queue's ring (`ctx.ring`, user_data from `ctx.track`) and calls `ctx.complete` from the
+ * CQE callback (loop). Targets written as plain async functions use {@link AsyncTarget} instead
+ * (see async-target.ts), which runs them on an event loop.
+ */
+import type { IoUring } from '../uring/index.js';
+
+/** One block request, as the kernel described it in the queue's descriptor array. */
+export interface IoRequest {
+  /** The tag: index of this request's slot in the queue (0 .. depth-1). */
+  readonly tag: number;
+  /** UBLK_IO_OP_* (READ 0, WRITE 1, FLUSH 2, DISCARD 3, WRITE_ZEROES 5, ...). */
+  readonly op: number;
+  /** UBLK_IO_F_* bits as in the descriptor (FUA 1<<13, NOUNMAP 1<<15, ...). */
+  readonly flags: number;
+  /** Byte offset on the device (start_sector * 512). */
+  readonly offset: number;
+  /** Byte length (nr_sectors * 512). */
+  readonly length: number;
+  /**
+   * This tag's I/O buffer, `length` bytes, zero-copy over memory we mmapped: holds a WRITE's
+   * data, receives a READ's. Valid until the request is completed.
+   */
+  readonly buffer: Buffer;
+  /** The buffer's address, for SQEs the target issues itself. */
+  readonly address: number;
+}
+
+/** What a queue handler can use besides the request. */
+export interface QueueContext {
+  /** The queue's ring (shared with the ublk commands; do not close it). */
+  readonly ring: IoUring;
+  readonly qid: number;
+  readonly depth: number;
+  /**
+   * Sets the user_data of the SQE at word `w` so that its CQE calls `onCqe`. Every SQE a
+   * target puts on the ring must go through this (the queue tells ublk commands from target
+   * I/O by user_data).
+   */
+  track(w: number, onCqe: (res: number, flags: number) => void): void;
+  /** Completes request `tag` with `result` (bytes, 0, or -errno); for results not returned by handle. */
+  complete(tag: number, result: number): void;
+}
+
+export interface QueueHandler {
+  /**
+   * Serves one request. Return the result now (bytes transferred for READ/WRITE, 0 for FLUSH,
+   * DISCARD and WRITE_ZEROES, or a negative errno), or `undefined` to complete later with
+   * `ctx.complete`.
+   */
+  handle(req: IoRequest, ctx: QueueContext): number | undefined;
+  /** Called once when the queue shuts down. */
+  close?(): void;
+}
+
+/** The device's shape, decided by the target from its options. */
+export interface DeviceSpec {
+  sizeBytes: number;
+  /** 512 or 4096 (default 512). */
+  logicalBlockSize?: number;
+  physicalBlockSize?: number;
+  readOnly?: boolean;
+  rotational?: boolean;
+  /** Advertise a volatile write cache, so file systems send FLUSH (and FUA if `fua`). */
+  volatileCache?: boolean;
+  fua?: boolean;
+  /** Advertise DISCARD / WRITE_ZEROES with these limits (bytes). */
+  discard?: { granularity: number; maxBytes: number; maxWriteZeroesBytes: number };
+  /** Largest request in bytes (default 512 KiB; the I/O buffer of each tag has this size). */
+  maxIoBytes?: number;
+  /** A line for `ublk list` (the target's own description, e.g. the backing file). */
+  describe?: Record<string, unknown>;
+}
+
+export interface TargetDefinition<Options = Record<string, unknown>> {
+  /** The `-t` name. */
+  readonly name: string;
+  /** Help text for `ublk help -t NAME`: the target's own options. */
+  readonly usage: string;
+  /** Parses the target's own command-line options (after the common ones were taken out). */
+  parseArgs(argv: string[]): Options;
+  /** Main thread: validates options (throwing errors that name the fix) and shapes the device. */
+  prepare(options: Options): DeviceSpec;
+  /** Queue thread: the handler for queue `qid`. */
+  openQueue(options: Options, queue: { qid: number; depth: number }): QueueHandler;
+}
+
+/** Identity helper that gives `defineTarget({...})` its types. */
+export function defineTarget<O>(def: TargetDefinition<O>): TargetDefinition<O> {
+  return def;
+}
