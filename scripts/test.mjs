@@ -58,7 +58,9 @@ if (missing) {
   for (const kernel of (process.env.UBLK_VM_KERNELS ?? 'lts newest').split(/\s+/).filter(Boolean)) {
     const started = Date.now();
     console.log(`# VM suite on kernel '${kernel}'`);
-    const r = await runTap(['--import', 'tsx', 'scripts/vm.ts', '--kernel', kernel, '--timeout', '1500', '--',
+    const r = await runTap(['--import', 'tsx', 'scripts/vm.ts', '--kernel', kernel, '--timeout', '1500',
+      // ublk grants a device at most one queue per CPU: 4 vCPUs let the suite test 4-queue devices.
+      '--cpus', '4', '--',
       'node', '--import', 'tsx', 'test/vm/run-in-vm.ts']);
     count(`VM tests on kernel '${kernel}'`, r);
     lines.push(`#   (${((Date.now() - started) / 1000).toFixed(0)} s including boot)`);

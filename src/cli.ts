@@ -195,6 +195,9 @@ async function serve(cfg: ServeConfig, log?: string): Promise<number> {
     throw e;
   }
   const id = server.devId;
+  if (server.info.nrHwQueues < cfg.queues) {
+    process.stderr.write(`ublk: device ${id}: the kernel granted ${server.info.nrHwQueues} of ${cfg.queues} queues (at most one per possible CPU)\n`);
+  }
   mkdirSync(RUN_DIR, { recursive: true });
   const state: DeviceState = { ...cfg, devId: id, pid: process.pid, log };
   writeFileSync(statePath(id), `${JSON.stringify(state, null, 2)}\n`);

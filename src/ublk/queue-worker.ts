@@ -10,6 +10,8 @@ import type { TargetDefinition } from './target.js';
 
 export interface QueueWorkerData {
   devId: number;
+  /** The server's open /dev/ublkcN (threads share the fd table). */
+  charFd: number;
   qid: number;
   depth: number;
   maxIoBufBytes: number;
@@ -29,6 +31,7 @@ try {
   const control = new Int32Array(data.control);
   const q = new Queue({
     devId: data.devId,
+    charFd: data.charFd,
     qid: data.qid,
     depth: data.depth,
     maxIoBufBytes: data.maxIoBufBytes,

@@ -50,6 +50,12 @@ const KIND_WAKE = 2; // the wake eventfd's multishot poll
 
 export interface QueueOptions {
   devId: number;
+  /**
+   * The open `/dev/ublkcN`. The driver allows one open at a time (a second open is EBUSY), so
+   * the server opens it once and every queue thread uses the same descriptor; it is closed
+   * after the last queue is done, before DEL_DEV.
+   */
+  charFd: number;
   qid: number;
   depth: number;
   /** Bytes per tag buffer (the device's max_io_buf_bytes). */
@@ -110,9 +116,8 @@ export class Queue implements QueueContext {
     this.handler = opts.handler;
     this.bufSize = opts.maxIoBufBytes;
     this.state = new Uint8Array(opts.depth);
-    const path = `/dev/ublkc${opts.devId}`;
-    this.charFd = openCharDev(path);
-    const cleanup: Array<() => void> = [() => sys.close(this.charFd)];
+    this.charFd = opts.charFd;
+    const cleanup: Array<() => void> = [];
     try {
       // [BUFFER] copy mode: one buffer per tag, lazily backed (pages appear when first touched).
       this.descs = Mapping.file(this.charFd, descLength(opts.depth), descOffset(opts.qid), ua.PROT_READ, false);
@@ -269,7 +274,10 @@ export class Queue implements QueueContext {
     return this.served;
   }
 
-  /** Releases everything; the char device's last reference goes, so DEL_DEV can finish. */
+  /**
+   * Releases the queue's references to the char device (its mmap, the ring's registered file);
+   * the server closes the fd itself, and then DEL_DEV can finish.
+   */
   close(): void {
     try {
       this.handler.close?.();
@@ -278,19 +286,6 @@ export class Queue implements QueueContext {
       this.scratch.unmap();
       this.bufs.unmap();
       this.descs.unmap();
-      sys.close(this.charFd);
-    }
-  }
-}
-
-function openCharDev(path: string): number {
-  // The char device appears in devtmpfs when ADD_DEV returns; udev may still be adjusting it.
-  for (let i = 0; ; i++) {
-    try {
-      return sys.open(path, ua.O_RDWR | ua.O_CLOEXEC);
-    } catch (e) {
-      if (!(e instanceof SysError) || e.code !== 'ENOENT' || i >= 100) throw e;
-      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 10);
     }
   }
 }

@@ -9,8 +9,9 @@
  * behind. The main thread never blocks on the queues: it waits for worker messages on its event
  * loop, which stays free for targets that run there.
  */
+import { writeSync } from 'node:fs';
 import type { Worker } from 'node:worker_threads';
-import { abi as ua, sys } from '../uring/index.js';
+import { SysError, abi as ua, sys } from '../uring/index.js';
 import { UblkControl, UblkError, type DevInfo, type DevParams } from './control.js';
 import {
   UBLK_PARAM_TYPE_BASIC, UBLK_PARAM_TYPE_DISCARD, UBLK_ATTR_READ_ONLY, UBLK_ATTR_ROTATIONAL,
@@ -95,8 +96,11 @@ export class UblkServer {
   readonly finished: Promise<number>;
   private stopping: Promise<void> | undefined;
 
-  private constructor(ctrl: UblkControl, info: DevInfo, spec: DeviceSpec, queues: QueueWorker[]) {
+  private readonly charFd: number;
+
+  private constructor(ctrl: UblkControl, info: DevInfo, spec: DeviceSpec, charFd: number, queues: QueueWorker[]) {
     this.ctrl = ctrl;
+    this.charFd = charFd;
     this.info = info;
     this.spec = spec;
     this.queues = queues;
@@ -125,6 +129,7 @@ export class UblkServer {
     const params = paramsFor(spec, maxIoBytes);
     const ctrl = new UblkControl();
     let info: DevInfo | undefined;
+    let charFd = -1;
     const started: QueueWorker[] = [];
     try {
       info = ctrl.addDev({
@@ -135,21 +140,25 @@ export class UblkServer {
         flags: opts.flags ?? 0,
       });
       ctrl.setParams(info.devId, params);
-      for (let qid = 0; qid < queues; qid++) started.push(spawnQueue(info, qid, opts.targetUrl, opts.targetOptions));
+      charFd = openCharDev(info.devId);
+      // The kernel caps nr_hw_queues at the number of possible CPUs: serve what it granted.
+      for (let qid = 0; qid < info.nrHwQueues; qid++) started.push(spawnQueue(info, charFd, qid, opts.targetUrl, opts.targetOptions));
       // If a queue fails before it has fetched, its `done` rejects: race the two.
       await Promise.all(started.map((q) => Promise.race([q.fetched, q.done.then(() => {
         throw new UblkError('a queue exited before it was ready');
       })])));
       ctrl.startDev(info.devId);
-      return new UblkServer(ctrl, info, spec, started);
+      return new UblkServer(ctrl, info, spec, charFd, started);
     } catch (e) {
       // Unwind: no half-created device may stay behind.
       if (info) {
         for (const q of started) wake(q, true);
         try { ctrl.stopDev(info.devId); } catch { /* not started */ }
         await Promise.allSettled(started.map((q) => q.done));
+        if (charFd >= 0) sys.close(charFd);
         try { ctrl.delDev(info.devId); } catch { /* best effort */ }
       }
+      for (const q of started) sys.close(q.wakeFd);
       ctrl.close();
       throw e;
     }
@@ -168,6 +177,9 @@ export class UblkServer {
       const timer = setTimeout(() => this.queues.forEach((q) => wake(q, true)), 5000);
       await Promise.allSettled(this.queues.map((q) => q.done));
       clearTimeout(timer);
+      // The last reference to /dev/ublkcN (the queues dropped their mmaps and rings): DEL_DEV
+      // waits for exactly this.
+      sys.close(this.charFd);
       try {
         this.ctrl.delDev(this.devId);
       } catch (e) {
@@ -183,21 +195,33 @@ function wake(q: QueueWorker, stop: boolean): void {
   if (stop) Atomics.store(q.control, 0, 1);
   const one = Buffer.alloc(8);
   one.writeBigUInt64LE(1n);
-  // eventfd write of a counter: through fs.writeSync on the fd (a plain write(2)).
+  // An eventfd takes an 8-byte counter increment; fs.writeSync is a plain write(2).
   try {
-    fsWrite(q.wakeFd, one);
+    writeSync(q.wakeFd, one);
   } catch {
     // The fd is gone with the queue.
   }
 }
 
-import { writeSync as fsWrite } from 'node:fs';
+/** Opens /dev/ublkcN, which devtmpfs creates during ADD_DEV (retrying briefly if udev is slow). */
+function openCharDev(devId: number): number {
+  const path = `/dev/ublkc${devId}`;
+  for (let i = 0; ; i++) {
+    try {
+      return sys.open(path, ua.O_RDWR | ua.O_CLOEXEC);
+    } catch (e) {
+      if (!(e instanceof SysError) || e.code !== 'ENOENT' || i >= 100) throw e;
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 10);
+    }
+  }
+}
 
-function spawnQueue(info: DevInfo, qid: number, targetUrl: string, targetOptions: unknown): QueueWorker {
+function spawnQueue(info: DevInfo, charFd: number, qid: number, targetUrl: string, targetOptions: unknown): QueueWorker {
   const wakeFd = sys.eventfd(0, ua.EFD_CLOEXEC | ua.EFD_NONBLOCK);
   const control = new SharedArrayBuffer(4);
   const data: QueueWorkerData = {
     devId: info.devId,
+    charFd,
     qid,
     depth: info.queueDepth,
     maxIoBufBytes: info.maxIoBufBytes,

@@ -1,0 +1,101 @@
+/**
+ * Helpers for the tests that run inside the VM: the CLI, fio, and waiting for the kernel.
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+const BIN = join(ROOT, 'bin', 'ublk.js');
+
+export interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `ublk ARGS...` (the real CLI, compiled) and returns its status and output. */
+export function ublk(...args: string[]): Run {
+  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', timeout: 120_000 });
+  return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** `ublk add ...` that must succeed; returns the new device id. */
+export function addDevice(...args: string[]): number {
+  const r = ublk('add', ...args);
+  if (r.code !== 0) throw new Error(`ublk add ${args.join(' ')} failed (${r.code}): ${r.stderr}`);
+  const m = r.stdout.match(/^dev id (\d+):/m);
+  if (!m) throw new Error(`ublk add printed no device: ${r.stdout}`);
+  return Number(m[1]);
+}
+
+/** Device ids present in /dev (char devices). */
+export function ublkIds(): number[] {
+  return readdirSync('/dev').filter((n) => /^ublkc\d+$/.test(n)).map((n) => Number(n.slice(5))).sort((a, b) => a - b);
+}
+
+export interface FioResult {
+  code: number;
+  error: number;
+  ios: number;
+  iops: number;
+  raw: string;
+}
+
+/** Runs one fio job on `dev` and returns its status, error and I/O count. */
+export function fio(dev: string, rw: string, opts: { bs?: string; qd?: number; engine?: string; seconds?: number; extra?: string[] } = {}): FioResult {
+  const args = fioArgs(dev, rw, opts);
+  const r = spawnSync('fio', args, { encoding: 'utf8', timeout: 180_000 });
+  return parseFio(r.status ?? -1, r.stdout);
+}
+
+export function fioArgs(dev: string, rw: string, opts: { bs?: string; qd?: number; engine?: string; seconds?: number; extra?: string[] }): string[] {
+  return [
+    '--name=t', `--filename=${dev}`, `--rw=${rw}`, `--bs=${opts.bs ?? '4k'}`, `--iodepth=${opts.qd ?? 32}`,
+    `--ioengine=${opts.engine ?? 'io_uring'}`, '--direct=1', `--runtime=${opts.seconds ?? 2}`, '--time_based',
+    '--output-format=json', ...(opts.extra ?? []),
+  ];
+}
+
+export function parseFio(code: number, stdout: string): FioResult {
+  try {
+    const j = JSON.parse(stdout.slice(stdout.indexOf('{'))) as { jobs: Array<{ error: number; read: { total_ios: number; iops: number }; write: { total_ios: number; iops: number } }> };
+    const job = j.jobs[0]!;
+    return { code, error: job.error, ios: job.read.total_ios + job.write.total_ios, iops: job.read.iops + job.write.iops, raw: stdout };
+  } catch {
+    return { code, error: -1, ios: 0, iops: 0, raw: stdout };
+  }
+}
+
+/** Starts fio in the background; resolves with its result when it ends. */
+export function fioBackground(dev: string, rw: string, opts: Parameters<typeof fioArgs>[2]): { done: Promise<FioResult>; pid: number } {
+  const child = spawn('fio', fioArgs(dev, rw, opts), { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
+  child.stderr.resume();
+  const done = new Promise<FioResult>((res) => child.on('close', (code) => res(parseFio(code ?? -1, out))));
+  return { done, pid: child.pid! };
+}
+
+/** Polls `cond` every 50 ms until true or `ms` passed; returns whether it became true. */
+export async function waitFor(cond: () => boolean, ms: number): Promise<boolean> {
+  const until = Date.now() + ms;
+  while (Date.now() < until) {
+    if (cond()) return true;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return cond();
+}
+
+export const exists = (p: string) => existsSync(p);
+
+/** Whether process `pid` is alive. */
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
