@@ -134,7 +134,8 @@ export class UblkControl {
    * naming the command, the device and the errno otherwise. `payload` (if any) was written at
    * offset 0 of the payload page; `len` is its size.
    */
-  private command(name: string, op: number, devId: number, opts: { len?: number; data?: number; queueId?: number; devPathLen?: number } = {}): number {
+  /** Writes and submits one control command; its CQE is then awaited by the caller. */
+  private submitCommand(op: number, devId: number, opts: { len?: number; data?: number; queueId?: number; devPathLen?: number }): void {
     const r = this.ring;
     const w = r.mustGetSqe();
     prepUringCmd(r.sqes, w, op, this.fd, r.cmdWords);
@@ -152,13 +153,56 @@ export class UblkControl {
     s[W(ublksrv_ctrl_cmd.data) + 1] = Math.floor(data / 2 ** 32);
     s[W(ublksrv_ctrl_cmd.dev_path_len)] = opts.devPathLen ?? 0;
     setUserData(r.sqes, w, op);
-    r.submit(1);
-    const cqe = r.waitCqe();
-    const res = r.cqeRes(cqe);
-    r.cqAdvance(1);
+    r.submit();
+  }
+
+  /** Takes the one outstanding command's result, or undefined if it has not completed. */
+  private takeResult(name: string, devId: number): number | undefined {
+    const c = this.ring.peekCqe();
+    if (c < 0) return undefined;
+    const res = this.ring.cqeRes(c);
+    this.ring.cqAdvance(1);
     if (res < 0) throw this.error(name, devId, -res);
     return res;
   }
+
+  /**
+   * Sends one control command and returns the kernel's non-negative result; throws UblkError
+   * naming the command, the device and the errno otherwise. `payload` (if any) was written at
+   * offset 0 of the payload page; `len` is its size. Blocks this thread until it completes.
+   */
+  private command(name: string, op: number, devId: number, opts: { len?: number; data?: number; queueId?: number; devPathLen?: number } = {}): number {
+    this.submitCommand(op, devId, opts);
+    for (;;) {
+      this.ring.waitCqe();
+      const res = this.takeResult(name, devId);
+      if (res !== undefined) return res;
+    }
+  }
+
+  /**
+   * Like {@link command} but without blocking the event loop: START_DEV, STOP_DEV and DEL_DEV
+   * wait for I/O (START_DEV's partition scan, STOP_DEV's drain), and a target that serves I/O on
+   * this thread's event loop must keep running meanwhile or the two wait for each other. Polls
+   * the CQ every few milliseconds; control commands are rare, so that costs nothing that matters.
+   */
+  private async commandAsync(name: string, op: number, devId: number, opts: { len?: number; data?: number } = {}): Promise<number> {
+    if (this.busy) throw new UblkError(`${name}: another control command of this process is still running`);
+    this.busy = true;
+    try {
+      this.submitCommand(op, devId, opts);
+      for (let delay = 1; ; delay = Math.min(delay * 2, 20)) {
+        // An enter without waiting runs the task work that posts the CQE, if it is pending.
+        this.ring.getEvents(0);
+        const res = this.takeResult(name, devId);
+        if (res !== undefined) return res;
+        await new Promise((r) => setTimeout(r, delay));
+      }
+    } finally {
+      this.busy = false;
+    }
+  }
+  private busy = false;
 
   private error(name: string, devId: number, errno: number): UblkError {
     const code = errnoName(errno);
@@ -346,6 +390,21 @@ export class UblkControl {
    */
   startDev(devId: number, pid = process.pid): void {
     this.command('START_DEV', UBLK_U_CMD_START_DEV, devId, { data: pid });
+  }
+
+  /** {@link startDev} that keeps the event loop running while the kernel waits for I/O. */
+  async startDevAsync(devId: number, pid = process.pid): Promise<void> {
+    await this.commandAsync('START_DEV', UBLK_U_CMD_START_DEV, devId, { data: pid });
+  }
+
+  /** {@link stopDev} that keeps the event loop running while the kernel drains I/O. */
+  async stopDevAsync(devId: number): Promise<void> {
+    await this.commandAsync('STOP_DEV', UBLK_U_CMD_STOP_DEV, devId);
+  }
+
+  /** {@link delDev} that keeps the event loop running until the last reference is gone. */
+  async delDevAsync(devId: number): Promise<void> {
+    await this.commandAsync('DEL_DEV', UBLK_U_CMD_DEL_DEV, devId);
   }
 
   /** STOP_DEV: removes the disk; in-flight and later fetches complete with UBLK_IO_RES_ABORT. */

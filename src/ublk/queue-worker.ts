@@ -21,13 +21,20 @@ export interface QueueWorkerData {
   wakeFd: number;
   /** Int32Array over it: [0] = 1 asks the queue to stop at the next wake-up. */
   control: SharedArrayBuffer;
+  /** Per-queue memory shared with the main thread (async targets' completion ring). */
+  shared?: SharedArrayBuffer;
 }
 
 const data = workerData as QueueWorkerData;
 const port = parentPort!;
 try {
   const mod = (await import(data.targetUrl)) as { default: TargetDefinition<unknown> };
-  const handler = mod.default.openQueue(data.targetOptions, { qid: data.qid, depth: data.depth });
+  const handler = mod.default.openQueue(data.targetOptions, {
+    qid: data.qid,
+    depth: data.depth,
+    shared: data.shared,
+    post: (m) => port.postMessage({ kind: 'target', qid: data.qid, message: m }),
+  });
   const control = new Int32Array(data.control);
   const q = new Queue({
     devId: data.devId,
@@ -38,7 +45,7 @@ try {
     flags: data.flags,
     handler,
     wakeFd: data.wakeFd,
-    onFetched: () => port.postMessage({ kind: 'fetched', qid: data.qid }),
+    onFetched: () => port.postMessage({ kind: 'fetched', qid: data.qid, bufBase: q.bufferBase, bufSize: data.maxIoBufBytes }),
     onWake: () => Atomics.load(control, 0) === 1,
   });
   let served = 0;

@@ -138,6 +138,11 @@ export class Queue implements QueueContext {
     }
   }
 
+  /** Address of tag 0's I/O buffer; tag t's is at `bufferBase + t * maxIoBufBytes`. */
+  get bufferBase(): number {
+    return this.bufs.address;
+  }
+
   /** The zero-copy Buffer over tag `tag`'s I/O buffer (made once, reused). */
   private view(tag: number): Buffer {
     return (this.views[tag] ??= this.bufs.bytes(tag * this.bufSize, this.bufSize));
@@ -266,10 +271,12 @@ export class Queue implements QueueContext {
           } catch {
             // EAGAIN: another CQE of this multishot poll already drained it.
           }
+          this.handler.onWake?.(this);
           if (this.opts.onWake?.(this)) this.stopping = true;
         }
       }
       ring.cqAdvance(ready);
+      this.handler.afterBatch?.(this);
     }
     return this.served;
   }

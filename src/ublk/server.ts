@@ -18,14 +18,18 @@ import {
   UBLK_ATTR_VOLATILE_CACHE, UBLK_ATTR_FUA, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES,
 } from './abi.js';
 import type { DeviceSpec, TargetDefinition } from './target.js';
+import { AsyncQueuePort, type AsyncTarget } from './async-target.js';
+import { completionRingBytes } from './async-bridge.js';
 import { siblingUrl, startWorker } from './workers.js';
 import type { QueueWorkerData } from './queue-worker.js';
 
 export interface ServerOptions<O> {
-  /** The target definition and the URL of the module that exports it (workers import it). */
-  target: TargetDefinition<O>;
-  targetUrl: string;
-  targetOptions: O;
+  /** A ring-native target: its definition and the URL of the module that exports it (workers import it). */
+  target?: TargetDefinition<O>;
+  targetUrl?: string;
+  targetOptions?: O;
+  /** Or a target written as async functions, run on this thread's event loop (async-target.ts). */
+  asyncTarget?: AsyncTarget;
   /** Device id, or -1 / undefined to let the kernel pick. */
   devId?: number;
   queues?: number;
@@ -81,6 +85,7 @@ export function paramsFor(spec: DeviceSpec, maxIoBytes: number): DevParams {
 
 interface QueueWorker {
   worker: Worker;
+  port?: AsyncQueuePort;
   wakeFd: number;
   control: Int32Array;
   fetched: Promise<void>;
@@ -121,7 +126,8 @@ export class UblkServer {
     if (!Number.isInteger(depth) || depth < 1 || depth > UBLK_MAX_QUEUE_DEPTH) {
       throw new UblkError(`queue depth must be from 1 to ${UBLK_MAX_QUEUE_DEPTH}, got ${depth}`);
     }
-    const spec = opts.target.prepare(opts.targetOptions);
+    const spec: DeviceSpec = opts.asyncTarget ?? opts.target!.prepare(opts.targetOptions as O);
+    const targetUrl = opts.asyncTarget ? siblingUrl(import.meta.url, 'async-bridge').href : opts.targetUrl!;
     const maxIoBytes = opts.maxIoBytes ?? spec.maxIoBytes ?? 512 * 1024;
     if (maxIoBytes < 4096 || maxIoBytes > 32 * 1024 * 1024 || (maxIoBytes & (maxIoBytes - 1)) !== 0) {
       throw new UblkError(`max I/O size must be a power of two from 4096 to 32 MiB (the kernel's buffer field has 25 bits), got ${maxIoBytes}`);
@@ -142,21 +148,25 @@ export class UblkServer {
       ctrl.setParams(info.devId, params);
       charFd = openCharDev(info.devId);
       // The kernel caps nr_hw_queues at the number of possible CPUs: serve what it granted.
-      for (let qid = 0; qid < info.nrHwQueues; qid++) started.push(spawnQueue(info, charFd, qid, opts.targetUrl, opts.targetOptions));
+      for (let qid = 0; qid < info.nrHwQueues; qid++) {
+        started.push(spawnQueue(info, charFd, qid, targetUrl, opts.targetOptions ?? {}, opts.asyncTarget));
+      }
       // If a queue fails before it has fetched, its `done` rejects: race the two.
       await Promise.all(started.map((q) => Promise.race([q.fetched, q.done.then(() => {
         throw new UblkError('a queue exited before it was ready');
       })])));
-      ctrl.startDev(info.devId);
+      // Not the blocking variant: the kernel's partition scan during START_DEV sends I/O, which
+      // an async target serves on this very event loop.
+      await ctrl.startDevAsync(info.devId);
       return new UblkServer(ctrl, info, spec, charFd, started);
     } catch (e) {
       // Unwind: no half-created device may stay behind.
       if (info) {
         for (const q of started) wake(q, true);
-        try { ctrl.stopDev(info.devId); } catch { /* not started */ }
+        try { await ctrl.stopDevAsync(info.devId); } catch { /* not started */ }
         await Promise.allSettled(started.map((q) => q.done));
         if (charFd >= 0) sys.close(charFd);
-        try { ctrl.delDev(info.devId); } catch { /* best effort */ }
+        try { await ctrl.delDevAsync(info.devId); } catch { /* best effort */ }
       }
       for (const q of started) sys.close(q.wakeFd);
       ctrl.close();
@@ -168,7 +178,7 @@ export class UblkServer {
   stop(): Promise<void> {
     return (this.stopping ??= (async () => {
       try {
-        this.ctrl.stopDev(this.devId);
+        await this.ctrl.stopDevAsync(this.devId);
       } catch (e) {
         // Already gone (ublk del from another process got there first).
         if (!(e instanceof UblkError && (e.code === 'ENODEV' || e.code === 'ENOENT'))) throw e;
@@ -181,7 +191,7 @@ export class UblkServer {
       // waits for exactly this.
       sys.close(this.charFd);
       try {
-        this.ctrl.delDev(this.devId);
+        await this.ctrl.delDevAsync(this.devId);
       } catch (e) {
         if (!(e instanceof UblkError && (e.code === 'ENODEV' || e.code === 'ENOENT'))) throw e;
       }
@@ -216,9 +226,11 @@ function openCharDev(devId: number): number {
   }
 }
 
-function spawnQueue(info: DevInfo, charFd: number, qid: number, targetUrl: string, targetOptions: unknown): QueueWorker {
+function spawnQueue(info: DevInfo, charFd: number, qid: number, targetUrl: string, targetOptions: unknown, asyncTarget?: AsyncTarget): QueueWorker {
   const wakeFd = sys.eventfd(0, ua.EFD_CLOEXEC | ua.EFD_NONBLOCK);
   const control = new SharedArrayBuffer(4);
+  const shared = asyncTarget ? new SharedArrayBuffer(completionRingBytes(info.queueDepth)) : undefined;
+  const port = asyncTarget && shared ? new AsyncQueuePort(asyncTarget, shared, info.queueDepth, wakeFd) : undefined;
   const data: QueueWorkerData = {
     devId: info.devId,
     charFd,
@@ -230,6 +242,7 @@ function spawnQueue(info: DevInfo, charFd: number, qid: number, targetUrl: strin
     targetOptions,
     wakeFd,
     control,
+    shared,
   };
   const worker = startWorker(siblingUrl(import.meta.url, 'queue-worker'), data);
   let onFetched!: () => void;
@@ -237,14 +250,18 @@ function spawnQueue(info: DevInfo, charFd: number, qid: number, targetUrl: strin
   const done = new Promise<number>((resolve, reject) => {
     let served = 0;
     let failed: Error | undefined;
-    worker.on('message', (m: { kind: string; served?: number; message?: string }) => {
-      if (m.kind === 'fetched') onFetched();
+    worker.on('message', (m: { kind: string; served?: number; message?: unknown; bufBase?: number; bufSize?: number }) => {
+      if (m.kind === 'target') port?.dispatch(m.message as number[]);
+      else if (m.kind === 'fetched') {
+        port?.attach(m.bufBase!, m.bufSize!);
+        onFetched();
+      }
       else if (m.kind === 'done') served = m.served ?? 0;
-      else if (m.kind === 'error') failed = new UblkError(`queue ${qid}: ${m.message}`);
+      else if (m.kind === 'error') failed = new UblkError(`queue ${qid}: ${String(m.message)}`);
     });
     worker.on('error', (e) => { failed = e; });
     worker.on('exit', () => (failed ? reject(failed) : resolve(served)));
   });
   done.catch(() => { /* observed by the server */ });
-  return { worker, wakeFd, control: new Int32Array(control), fetched, done };
+  return { worker, port, wakeFd, control: new Int32Array(control), fetched, done };
 }

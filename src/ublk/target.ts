@@ -58,8 +58,22 @@ export interface QueueHandler {
    * `ctx.complete`.
    */
   handle(req: IoRequest, ctx: QueueContext): number | undefined;
+  /** Called after each batch of completions was handled, before the queue enters the kernel again. */
+  afterBatch?(ctx: QueueContext): void;
+  /** Called when the queue's wake eventfd fired (another thread has news for this queue). */
+  onWake?(ctx: QueueContext): void;
   /** Called once when the queue shuts down. */
   close?(): void;
+}
+
+/** What a queue thread is told about itself when its handler is opened. */
+export interface QueueInfo {
+  qid: number;
+  depth: number;
+  /** Memory shared with the main thread for this queue, if the server set some up. */
+  shared?: SharedArrayBuffer;
+  /** Sends a message to the server on the main thread. */
+  post(message: unknown): void;
 }
 
 /** The device's shape, decided by the target from its options. */
@@ -91,7 +105,7 @@ export interface TargetDefinition<Options = Record<string, unknown>> {
   /** Main thread: validates options (throwing errors that name the fix) and shapes the device. */
   prepare(options: Options): DeviceSpec;
   /** Queue thread: the handler for queue `qid`. */
-  openQueue(options: Options, queue: { qid: number; depth: number }): QueueHandler;
+  openQueue(options: Options, queue: QueueInfo): QueueHandler;
 }
 
 /** Identity helper that gives `defineTarget({...})` its types. */

@@ -145,6 +145,8 @@ async function boot(kdir: string, opts: VmOptions, accel: 'kvm' | 'tcg', bootTim
     LANG: 'C.UTF-8',
     UBLK_VM: '1',
     UBLK_VM_PACKAGE: pkg,
+    // The kernel package's module tree, for `modprobe -d "$UBLK_VM_KROOT" null_blk ...`.
+    UBLK_VM_KROOT: join(kdir, 'root'),
   };
   for (const [k, v] of Object.entries(process.env)) if (PASS_ENV.test(k) && v !== undefined) env[k] = v;
   Object.assign(env, opts.env ?? {});
