@@ -87,7 +87,6 @@ export class Queue implements QueueContext {
   readonly ring: IoUring;
   readonly qid: number;
   readonly depth: number;
-  private readonly devId: number;
   private readonly charFd: number;
   private readonly descs: Mapping;
   private readonly desc32: Uint32Array;
@@ -110,7 +109,6 @@ export class Queue implements QueueContext {
 
   constructor(opts: QueueOptions) {
     this.opts = opts;
-    this.devId = opts.devId;
     this.qid = opts.qid;
     this.depth = opts.depth;
     this.handler = opts.handler;

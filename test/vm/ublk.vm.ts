@@ -6,7 +6,7 @@ import t from 'tap';
 import { readFileSync } from 'node:fs';
 import { UblkControl } from '../../src/ublk/control.js';
 import { UBLK_FEATURES } from '../../src/ublk/abi.js';
-import { addDevice, alive, exists, fio, fioBackground, ublk, ublkIds, waitFor } from './helpers.js';
+import { addDevice, alive, exists, fio, fioBackground, ublk, ublkIds, waitFor, ROOT } from './helpers.js';
 
 const runState = (id: number) => JSON.parse(readFileSync(`/run/ublk/ublkb${id}.json`, 'utf8')) as { pid: number };
 
@@ -165,4 +165,25 @@ t.test('kill -9 of the server while fio runs: fio fails, del cleans up, nothing 
   t.equal(d.code, 0, `del after the server died: ${d.stderr}`);
   t.notOk(exists(`/dev/ublkb${id}`), 'the disk is gone');
   t.notOk(exists(`/dev/ublkc${id}`), 'the device is gone');
+});
+
+t.test('not root: a one-line error that says so', (t) => {
+  const r = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, `${ROOT}/bin/ublk.js`, 'list'], { encoding: 'utf8' });
+  t.equal(r.status, 1);
+  t.match(r.stderr, /cannot open \/dev\/ublk-control \(EACCES\): run as root/);
+  t.end();
+});
+
+t.test('no ublk_drv: the error names modprobe ublk_drv, and add creates nothing', (t) => {
+  const rm = spawnSync('rmmod', ['ublk_drv'], { encoding: 'utf8' });
+  t.equal(rm.status, 0, `rmmod ublk_drv ${rm.stderr}`);
+  t.teardown(() => {
+    spawnSync('modprobe', ['-d', process.env.UBLK_VM_KROOT!, 'ublk_drv']);
+  });
+  for (const args of [['list'], ['features'], ['add', '-t', 'null']]) {
+    const r = ublk(...args);
+    t.equal(r.code, 1, `ublk ${args.join(' ')} exits 1`);
+    t.match(r.stderr, /\/dev\/ublk-control does not exist: load the driver with `modprobe ublk_drv`/);
+  }
+  t.end();
 });
