@@ -25,6 +25,8 @@ t.test('100 add/del cycles leak nothing', async (t) => {
     await s.stop();
   };
   await cycle(1); // warm up: the first cycle loads modules and grows the heap once
+  // Worker threads end asynchronously after their last message; so do idle helper threads.
+  await new Promise((r) => setTimeout(r, 1000));
   const before = snapshot();
   const started = Date.now();
   for (let i = 0; i < 100; i++) await cycle(1 + (i % 2));
@@ -35,5 +37,6 @@ t.test('100 add/del cycles leak nothing', async (t) => {
   t.equal(after.devices, 0, 'no device left');
   t.equal(after.fds, before.fds, 'no fd left');
   t.equal(after.ublkMaps, before.ublkMaps, 'no ring or descriptor mapping left');
-  t.equal(after.threads, before.threads, 'no thread left');
+  // Fewer is fine (a helper thread of the runtime may retire meanwhile); more would be a leak.
+  t.ok(after.threads <= before.threads, `no thread left (${before.threads} before, ${after.threads} after)`);
 });
