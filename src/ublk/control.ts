@@ -296,16 +296,12 @@ export class UblkControl {
    */
   devInfo2(devId: number): DevInfo {
     const path = Buffer.from(`/dev/ublkc${devId}`);
-    const base = 64; // path at 0, dev_info after it
-    this.buf.u8.fill(0, 0, base + ublksrv_ctrl_dev_info.SIZE);
-    this.buf.u8.set(path, 0);
-    // The kernel expects the path first, then the dev_info, in one buffer of len bytes.
+    // One buffer of len bytes: the path first, then the dev_info the kernel fills in after it.
     const total = path.length + ublksrv_ctrl_dev_info.SIZE;
+    this.buf.u8.fill(0, 0, total);
+    this.buf.u8.set(path, 0);
     this.command('GET_DEV_INFO2', UBLK_U_CMD_GET_DEV_INFO2, devId, { len: total, devPathLen: path.length });
-    // Copy the info (which follows the path) to where readDevInfo looks.
-    const info = this.buf.u8.slice(path.length, path.length + ublksrv_ctrl_dev_info.SIZE);
-    this.buf.u8.set(info, 0);
-    return this.readDevInfo();
+    return this.readDevInfo(path.length);
   }
 
   /** SET_PARAMS: only while the device is not live. */
