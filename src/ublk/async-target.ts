@@ -8,8 +8,8 @@
  * handler sees the queue's mmapped I/O buffer through a Buffer made once per queue.
  * Cost, measured by `npm run bench:ublk` (null vs async-null): see the README.
  */
-import { writeSync } from 'node:fs';
 import koffi from 'koffi';
+import { sys } from '../uring/index.js';
 import type { DeviceSpec } from './target.js';
 import { RING_HEADER } from './async-bridge.js';
 import { UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_FLUSH, UBLK_IO_OP_DISCARD, UBLK_IO_OP_WRITE_ZEROES } from './abi.js';
@@ -38,7 +38,6 @@ export class AsyncQueuePort {
   private buffers: Buffer | undefined;
   private bufSize = 0;
   private wakeScheduled = false;
-  private readonly one = Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]);
   /** Requests answered (for stats). */
   served = 0;
 
@@ -101,7 +100,7 @@ export class AsyncQueuePort {
       this.wakeScheduled = true;
       queueMicrotask(() => {
         this.wakeScheduled = false;
-        writeSync(this.wakeFd, this.one);
+        sys.eventfdSignal(this.wakeFd);
       });
     }
   }

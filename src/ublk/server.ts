@@ -9,7 +9,6 @@
  * behind. The main thread never blocks on the queues: it waits for worker messages on its event
  * loop, which stays free for targets that run there.
  */
-import { writeSync } from 'node:fs';
 import type { Worker } from 'node:worker_threads';
 import { SysError, abi as ua, sys } from '../uring/index.js';
 import { UblkControl, UblkError, type DevInfo, type DevParams } from './control.js';
@@ -203,11 +202,8 @@ export class UblkServer {
 
 function wake(q: QueueWorker, stop: boolean): void {
   if (stop) Atomics.store(q.control, 0, 1);
-  const one = Buffer.alloc(8);
-  one.writeBigUInt64LE(1n);
-  // An eventfd takes an 8-byte counter increment; fs.writeSync is a plain write(2).
   try {
-    writeSync(q.wakeFd, one);
+    sys.eventfdSignal(q.wakeFd);
   } catch {
     // The fd is gone with the queue.
   }

@@ -11,6 +11,7 @@
  * x86-64 and AArch64 Linux (every argument is an integer or an address passed as a number).
  */
 import koffi from 'koffi';
+import { writeSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import {
   SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register, SYS_gettid, SYS_eventfd2,
@@ -167,6 +168,17 @@ export function write(fd: number, addr: number, count: number): number {
 /** `eventfd(2)` through the raw syscall. */
 export function eventfd(initval: number, flags: number): number {
   return check(syscall3(SYS_eventfd2, initval, flags, 0), () => `eventfd(${initval}, 0x${flags.toString(16)})`);
+}
+
+const EVENTFD_ONE = Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]);
+
+/**
+ * Adds 1 to an eventfd's counter, waking whoever polls it. The 8 bytes are only read during
+ * this synchronous write(2), so a Buffer is fine here. Throws SysError-like Node errors
+ * (EBADF once the fd is closed; EAGAIN only if the counter would overflow).
+ */
+export function eventfdSignal(fd: number): void {
+  writeSync(fd, EVENTFD_ONE);
 }
 
 /** The calling thread's kernel task id (differs per worker thread; equals the pid on the main thread). */
