@@ -5,17 +5,11 @@
  * and everything is released) and `error`.
  */
 import { parentPort, workerData } from 'node:worker_threads';
-import { Queue } from './queue.js';
+import { Queue, type QueueOptions } from './queue.js';
 import type { TargetDefinition } from './target.js';
 
-export interface QueueWorkerData {
-  devId: number;
-  /** The server's open /dev/ublkcN (threads share the fd table). */
-  charFd: number;
-  qid: number;
-  depth: number;
-  maxIoBufBytes: number;
-  flags: number;
+/** The queue's own settings (as in QueueOptions), plus what the worker needs to build the rest. */
+export interface QueueWorkerData extends Pick<QueueOptions, 'devId' | 'charFd' | 'qid' | 'depth' | 'maxIoBufBytes' | 'flags'> {
   targetUrl: string;
   targetOptions: unknown;
   wakeFd: number;

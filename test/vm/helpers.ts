@@ -2,7 +2,8 @@
  * Helpers for the tests that run inside the VM: the CLI, fio, and waiting for the kernel.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync } from 'node:fs';
+import { UblkControl } from '../../src/ublk/control.js';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -30,10 +31,8 @@ export function addDevice(...args: string[]): number {
   return Number(m[1]);
 }
 
-/** Device ids present in /dev (char devices). */
-export function ublkIds(): number[] {
-  return readdirSync('/dev').filter((n) => /^ublkc\d+$/.test(n)).map((n) => Number(n.slice(5))).sort((a, b) => a - b);
-}
+/** Device ids present in /dev (char devices): the CLI's own list. */
+export const ublkIds = (): number[] => UblkControl.listIds();
 
 export interface FioResult {
   code: number;
