@@ -25,7 +25,7 @@ for (const queues of [1, 2]) {
     for (const [bs, engine] of [['4k', 'io_uring'], ['64k', 'libaio']] as const) {
       const r = fio(dev, 'randwrite', {
         bs, qd: 32, engine, seconds: 0,
-        extra: ['--size=32m', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--time_based=0', '--runtime=0', '--randrepeat=0'],
+        extra: ['--size=32m', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--time_based=0', '--runtime=0', '--randrepeat=0'],
       });
       t.ok(r.code === 0 && r.error === 0, `${bs} ${engine}: write then verify, exit ${r.code}, error ${r.error}, ${r.ios} I/Os`);
     }
