@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { UblkControl, UblkError, stateName, type DevInfo, type DevParams } from './ublk/control.js';
 import { UblkServer } from './ublk/server.js';
+import { TargetError } from './ublk/target.js';
 import { UBLK_FEATURES } from './ublk/abi.js';
 import { loadTarget, targetNames } from './targets/index.js';
 import { parseCount, parseSize, UsageError } from './targets/options.js';
@@ -96,7 +97,7 @@ export async function main(argv: string[]): Promise<number> {
       process.stderr.write(`ublk: ${e.message}\n`);
       return 2;
     }
-    if (e instanceof UblkError || e instanceof SysError) {
+    if (e instanceof UblkError || e instanceof SysError || e instanceof TargetError) {
       process.stderr.write(`ublk: ${e.message}\n`);
       return 1;
     }
@@ -143,7 +144,7 @@ async function add(argv: string[]): Promise<number> {
   cfg.target = type;
   cfg.targetOptions = t.def.parseArgs(targetArgs);
   // Validate the target's options here, before any device exists (the server does it again).
-  t.def.prepare(cfg.targetOptions);
+  t.def.prepare(cfg.targetOptions).release?.();
   if (cfg.devId !== undefined && existsSync(`/dev/ublkc${cfg.devId}`)) {
     throw new UblkError(`device id ${cfg.devId} is taken (ublk list shows the devices)`);
   }

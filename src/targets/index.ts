@@ -7,6 +7,8 @@ import type { TargetDefinition } from '../ublk/target.js';
 const ext = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
 const modules: Record<string, string> = {
   null: new URL(`./null${ext}`, import.meta.url).href,
+  loop: new URL(`./loop${ext}`, import.meta.url).href,
+  mem: new URL(`./mem${ext}`, import.meta.url).href,
 };
 
 export const targetNames = Object.keys(modules);

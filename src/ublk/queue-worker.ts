@@ -17,6 +17,10 @@ export interface QueueWorkerData extends Pick<QueueOptions, 'devId' | 'charFd' |
   control: SharedArrayBuffer;
   /** Per-queue memory shared with the main thread (async targets' completion ring). */
   shared?: SharedArrayBuffer;
+  /** DeviceSpec.queueData from the target's prepare. */
+  device?: unknown;
+  /** Float64 slots for the target's counters, read by the server. */
+  counters: SharedArrayBuffer;
 }
 
 const data = workerData as QueueWorkerData;
@@ -27,6 +31,8 @@ try {
     qid: data.qid,
     depth: data.depth,
     shared: data.shared,
+    device: data.device,
+    counters: new Float64Array(data.counters),
     post: (m) => port.postMessage({ kind: 'target', qid: data.qid, message: m }),
   });
   const control = new Int32Array(data.control);

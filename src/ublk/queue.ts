@@ -48,6 +48,9 @@ const KIND_CMD = 0; // a ublk FETCH/COMMIT_AND_FETCH for tag = lo
 const KIND_TARGET = 1; // a target SQE, callback slot = lo
 const KIND_WAKE = 2; // the wake eventfd's multishot poll
 
+/** Size of the ring's registered file table: slot 0 is /dev/ublkcN, the rest are the target's. */
+const FILE_SLOTS = 16;
+
 export interface QueueOptions {
   devId: number;
   /**
@@ -104,6 +107,7 @@ export class Queue implements QueueContext {
   private readonly opts: QueueOptions;
   /** 8 bytes for draining the wake eventfd. */
   private readonly scratch = Mapping.anonymous(8);
+  private nextFileSlot = 1;
   /** Requests served since start (for stats and tests). */
   served = 0;
 
@@ -128,8 +132,9 @@ export class Queue implements QueueContext {
       while (entries < opts.depth * 2) entries <<= 1;
       this.ring = openQueueRing(Math.min(entries, 4096));
       cleanup.push(() => this.ring.close());
-      // The char device as fixed file 0: saves an fget per command (ublksrv does the same).
-      this.ring.registerFiles([this.charFd]);
+      // The char device as fixed file 0: saves an fget per command (ublksrv does the same). The
+      // other slots start empty, for the target's own files (registerFile).
+      this.ring.registerFiles([this.charFd, ...new Array<number>(FILE_SLOTS - 1).fill(-1)]);
     } catch (e) {
       for (const f of cleanup.reverse()) f();
       throw e;
@@ -148,7 +153,7 @@ export class Queue implements QueueContext {
 
   /** Queues a FETCH_REQ or COMMIT_AND_FETCH_REQ for `tag`. */
   private queueCmd(op: number, tag: number, result: number): void {
-    const w = this.sqe();
+    const w = this.getSqe();
     const s = this.ring.sqes;
     prepUringCmd(s, w, op, 0, this.ring.cmdWords);
     setFlags(s, w, ua.IOSQE_FIXED_FILE);
@@ -164,7 +169,7 @@ export class Queue implements QueueContext {
   }
 
   /** An SQE slot, submitting what is queued if the SQ is full. */
-  private sqe(): number {
+  getSqe(): number {
     let w = this.ring.getSqe();
     while (w < 0) {
       this.ring.submit();
@@ -178,6 +183,13 @@ export class Queue implements QueueContext {
     this.callbacks[slot] = onCqe;
     this.targetInFlight++;
     setUserData2(this.ring.sqes, w, slot, KIND_TARGET);
+  }
+
+  registerFile(fd: number): number {
+    if (this.nextFileSlot >= FILE_SLOTS) throw new Error(`queue ${this.qid}: all ${FILE_SLOTS - 1} target file slots are taken`);
+    const slot = this.nextFileSlot++;
+    this.ring.updateFiles(slot, [fd]);
+    return slot;
   }
 
   complete(tag: number, result: number): void {
@@ -221,9 +233,10 @@ export class Queue implements QueueContext {
    */
   run(): number {
     const ring = this.ring;
+    this.handler.start?.(this);
     for (let tag = 0; tag < this.depth; tag++) this.queueCmd(UBLK_U_IO_FETCH_REQ, tag, -1);
     if (this.opts.wakeFd !== undefined) {
-      const w = this.sqe();
+      const w = this.getSqe();
       prepPollMultishot(ring.sqes, w, this.opts.wakeFd, ua.POLLIN);
       setUserData2(ring.sqes, w, 0, KIND_WAKE);
     }

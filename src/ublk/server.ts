@@ -89,6 +89,7 @@ interface QueueWorker {
   control: Int32Array;
   fetched: Promise<void>;
   done: Promise<number>;
+  counters: Float64Array;
 }
 
 export class UblkServer {
@@ -101,9 +102,11 @@ export class UblkServer {
   private stopping: Promise<void> | undefined;
 
   private readonly charFd: number;
+  private readonly counterNames: readonly string[];
 
-  private constructor(ctrl: UblkControl, info: DevInfo, spec: DeviceSpec, charFd: number, queues: QueueWorker[]) {
+  private constructor(ctrl: UblkControl, info: DevInfo, spec: DeviceSpec, charFd: number, queues: QueueWorker[], counterNames: readonly string[]) {
     this.ctrl = ctrl;
+    this.counterNames = counterNames;
     this.charFd = charFd;
     this.info = info;
     this.spec = spec;
@@ -113,6 +116,15 @@ export class UblkServer {
 
   get devId(): number {
     return this.info.devId;
+  }
+
+  /** The target's counters (TargetDefinition.counters), summed over the queues. */
+  counters(): Record<string, number> {
+    const out: Record<string, number> = {};
+    this.counterNames.forEach((name, i) => {
+      out[name] = this.queues.reduce((sum, q) => sum + q.counters[i]!, 0);
+    });
+    return out;
   }
 
   /** Creates the device and returns once `/dev/ublkb<id>` is live. */
@@ -131,8 +143,16 @@ export class UblkServer {
     if (maxIoBytes < 4096 || maxIoBytes > 32 * 1024 * 1024 || (maxIoBytes & (maxIoBytes - 1)) !== 0) {
       throw new UblkError(`max I/O size must be a power of two from 4096 to 32 MiB (the kernel's buffer field has 25 bits), got ${maxIoBytes}`);
     }
-    const params = paramsFor(spec, maxIoBytes);
-    const ctrl = new UblkControl();
+    const counterNames = opts.target?.counters ?? [];
+    let params: DevParams;
+    let ctrl: UblkControl;
+    try {
+      params = paramsFor(spec, maxIoBytes);
+      ctrl = new UblkControl();
+    } catch (e) {
+      spec.release?.();
+      throw e;
+    }
     let info: DevInfo | undefined;
     let charFd = -1;
     const started: QueueWorker[] = [];
@@ -148,7 +168,7 @@ export class UblkServer {
       charFd = openCharDev(info.devId);
       // The kernel caps nr_hw_queues at the number of possible CPUs: serve what it granted.
       for (let qid = 0; qid < info.nrHwQueues; qid++) {
-        started.push(spawnQueue(info, charFd, qid, targetUrl, opts.targetOptions ?? {}, opts.asyncTarget));
+        started.push(spawnQueue(info, charFd, qid, targetUrl, opts.targetOptions ?? {}, spec.queueData, counterNames.length, opts.asyncTarget));
       }
       // If a queue fails before it has fetched, its `done` rejects: race the two.
       await Promise.all(started.map((q) => Promise.race([q.fetched, q.done.then(() => {
@@ -157,7 +177,7 @@ export class UblkServer {
       // Not the blocking variant: the kernel's partition scan during START_DEV sends I/O, which
       // an async target serves on this very event loop.
       await ctrl.startDevAsync(info.devId);
-      return new UblkServer(ctrl, info, spec, charFd, started);
+      return new UblkServer(ctrl, info, spec, charFd, started, counterNames);
     } catch (e) {
       // Unwind: no half-created device may stay behind.
       if (info) {
@@ -169,6 +189,7 @@ export class UblkServer {
       }
       for (const q of started) sys.close(q.wakeFd);
       ctrl.close();
+      spec.release?.();
       throw e;
     }
   }
@@ -196,6 +217,8 @@ export class UblkServer {
       }
       this.ctrl.close();
       for (const q of this.queues) sys.close(q.wakeFd);
+      // Every queue has exited: nothing uses the target's device-wide resources any more.
+      this.spec.release?.();
     })());
   }
 }
@@ -222,7 +245,11 @@ function openCharDev(devId: number): number {
   }
 }
 
-function spawnQueue(info: DevInfo, charFd: number, qid: number, targetUrl: string, targetOptions: unknown, asyncTarget?: AsyncTarget): QueueWorker {
+function spawnQueue(
+  info: DevInfo, charFd: number, qid: number, targetUrl: string, targetOptions: unknown, device: unknown,
+  nrCounters: number, asyncTarget?: AsyncTarget,
+): QueueWorker {
+  const counters = new SharedArrayBuffer(8 * Math.max(1, nrCounters));
   const wakeFd = sys.eventfd(0, ua.EFD_CLOEXEC | ua.EFD_NONBLOCK);
   const control = new SharedArrayBuffer(4);
   const shared = asyncTarget ? new SharedArrayBuffer(completionRingBytes(info.queueDepth)) : undefined;
@@ -239,6 +266,8 @@ function spawnQueue(info: DevInfo, charFd: number, qid: number, targetUrl: strin
     wakeFd,
     control,
     shared,
+    device,
+    counters,
   };
   const worker = startWorker(siblingUrl(import.meta.url, 'queue-worker'), data);
   let onFetched!: () => void;
@@ -259,5 +288,5 @@ function spawnQueue(info: DevInfo, charFd: number, qid: number, targetUrl: strin
     worker.on('exit', () => (failed ? reject(failed) : resolve(served)));
   });
   done.catch(() => { /* observed by the server */ });
-  return { worker, port, wakeFd, control: new Int32Array(control), fetched, done };
+  return { worker, port, wakeFd, control: new Int32Array(control), fetched, done, counters: new Float64Array(counters) };
 }

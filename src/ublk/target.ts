@@ -49,9 +49,19 @@ export interface QueueContext {
   track(w: number, onCqe: (res: number, flags: number) => void): void;
   /** Completes request `tag` with `result` (bytes, 0, or -errno); for results not returned by handle. */
   complete(tag: number, result: number): void;
+  /**
+   * Registers `fd` in the ring's file table and returns its index: SQEs that set
+   * IOSQE_FIXED_FILE and put the index in `fd` skip the per-I/O file lookup and reference
+   * count. The queue unregisters everything when it closes; the caller still owns `fd`.
+   */
+  registerFile(fd: number): number;
+  /** A free SQE (word index into `ring.sqes`), handing queued SQEs to the kernel first if the SQ is full. */
+  getSqe(): number;
 }
 
 export interface QueueHandler {
+  /** Called once on the queue's thread, after the ring exists and before the first request. */
+  start?(ctx: QueueContext): void;
   /**
    * Serves one request. Return the result now (bytes transferred for READ/WRITE, 0 for FLUSH,
    * DISCARD and WRITE_ZEROES, or a negative errno), or `undefined` to complete later with
@@ -74,6 +84,13 @@ export interface QueueInfo {
   shared?: SharedArrayBuffer;
   /** Sends a message to the server on the main thread. */
   post(message: unknown): void;
+  /** `DeviceSpec.queueData` from `prepare`, as every queue of the device sees it. */
+  device?: unknown;
+  /**
+   * This queue's slots for the target's `counters` (same order), in memory the server reads:
+   * add to them from the queue thread, `UblkServer.counters()` sums them over the queues.
+   */
+  counters: Float64Array;
 }
 
 /** The device's shape, decided by the target from its options. */
@@ -93,6 +110,17 @@ export interface DeviceSpec {
   maxIoBytes?: number;
   /** A line for `ublk list` (the target's own description, e.g. the backing file). */
   describe?: Record<string, unknown>;
+  /**
+   * Data every queue's `openQueue` receives as `queue.device` (structured-cloned to the worker
+   * threads): resources `prepare` set up once for the whole device, such as an open backing fd
+   * or the address of a shared memory region (one address space: the threads can use both).
+   */
+  queueData?: unknown;
+  /**
+   * Releases what `prepare` set up. The server calls it exactly once, after every queue has
+   * finished (or when creating the device failed), so no queue can still be using it.
+   */
+  release?(): void;
 }
 
 export interface TargetDefinition<Options = Record<string, unknown>> {
@@ -102,10 +130,23 @@ export interface TargetDefinition<Options = Record<string, unknown>> {
   readonly usage: string;
   /** Parses the target's own command-line options (after the common ones were taken out). */
   parseArgs(argv: string[]): Options;
+  /** Names of the target's counters (see `QueueInfo.counters`), e.g. `['fdatasync']`. */
+  readonly counters?: readonly string[];
   /** Main thread: validates options (throwing errors that name the fix) and shapes the device. */
   prepare(options: Options): DeviceSpec;
   /** Queue thread: the handler for queue `qid`. */
   openQueue(options: Options, queue: QueueInfo): QueueHandler;
+}
+
+/**
+ * A target cannot serve what it was asked to (a missing backing file, a size that does not fit):
+ * thrown by `prepare` with a message that names the fix. The CLI prints it and exits with 1.
+ */
+export class TargetError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'TargetError';
+  }
 }
 
 /** Identity helper that gives `defineTarget({...})` its types. */

@@ -21,6 +21,7 @@ export const SYS_io_uring_enter = 426;
 export const SYS_io_uring_register = 427;
 export const SYS_gettid = 186;
 export const SYS_eventfd2 = 290;
+export const SYS_ioctl = 16;
 
 // <sys/mman.h>
 export const PROT_NONE = 0x0;
@@ -29,7 +30,9 @@ export const PROT_WRITE = 0x2;
 export const MAP_SHARED = 0x01;
 export const MAP_PRIVATE = 0x02;
 export const MAP_ANONYMOUS = 0x20;
+export const MAP_NORESERVE = 0x4000;
 export const MAP_POPULATE = 0x8000;
+export const MADV_DONTNEED = 4;
 export const MADV_DONTFORK = 10;
 export const MADV_DOFORK = 11;
 
@@ -48,6 +51,10 @@ export const AT_FDCWD = -100;
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
 export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+// <sys/uio.h> (<linux/fs.h>): per-I/O flags in sqe->rw_flags for READ/WRITE (5.1)
+/** This write is durable (data, and metadata needed to read it) when it completes: pwritev2's O_DSYNC per call. */
+export const RWF_DSYNC = 0x02;
 
 // <sys/eventfd.h>
 export const EFD_SEMAPHORE = 1;

@@ -10,7 +10,9 @@
  */
 import koffi from 'koffi';
 import * as sys from './sys.js';
-import { MAP_ANONYMOUS, MAP_POPULATE, MAP_PRIVATE, MAP_SHARED, MADV_DONTFORK, PROT_READ, PROT_WRITE } from './abi.js';
+import {
+  MAP_ANONYMOUS, MAP_NORESERVE, MAP_POPULATE, MAP_PRIVATE, MAP_SHARED, MADV_DONTFORK, PROT_READ, PROT_WRITE,
+} from './abi.js';
 
 /** Rounds `n` up to a multiple of the page size. */
 export function pageAlign(n: number): number {
@@ -26,7 +28,19 @@ export interface AnonymousOptions {
    * would no longer be the ones the parent sees.
    */
   dontFork?: boolean;
+  /**
+   * MAP_NORESERVE: do not charge the whole length against the overcommit limit up front; pages
+   * are allocated as they are first written (a RAM disk larger than what it holds).
+   */
+  noReserve?: boolean;
 }
+
+/**
+ * The largest region we put a single ArrayBuffer over: koffi.view aborts the process (a fatal
+ * N-API error, not an exception) for 8 GiB, and Node 20's Buffers stop at 4 GiB. Larger
+ * mappings are fine; they are read through {@link Mapping.bytes} windows instead.
+ */
+export const MAX_VIEW_BYTES = 2 ** 30;
 
 /** One mmapped region, with typed views over it. */
 export class Mapping {
@@ -34,7 +48,8 @@ export class Mapping {
   readonly address: number;
   /** The mapped length in bytes (a multiple of the page size). */
   readonly length: number;
-  private buf: ArrayBuffer | null;
+  private buf: ArrayBuffer | null = null;
+  private live = true;
   private u8_: Uint8Array | null = null;
   private u32_: Uint32Array | null = null;
   private dv_: DataView | null = null;
@@ -46,7 +61,15 @@ export class Mapping {
     this.address = address;
     this.length = length;
     this.owner = owner;
-    this.buf = koffi.view(address, length) as ArrayBuffer;
+  }
+
+  /**
+   * A non-owning Mapping over memory another part of this process mapped (a worker thread
+   * handed the address of its device's RAM disk, say). The caller guarantees the memory outlives
+   * every use; `unmap()` only drops the views.
+   */
+  static borrow(address: number, length: number): Mapping {
+    return new Mapping(address, length, false);
   }
 
   /**
@@ -63,7 +86,7 @@ export class Mapping {
   /** Anonymous private memory, zero-filled and page-aligned: for buffers and small structs. */
   static anonymous(length: number, opts: AnonymousOptions = {}): Mapping {
     const len = pageAlign(Math.max(1, length));
-    const flags = MAP_PRIVATE | MAP_ANONYMOUS | (opts.populate ? MAP_POPULATE : 0);
+    const flags = MAP_PRIVATE | MAP_ANONYMOUS | (opts.populate ? MAP_POPULATE : 0) | (opts.noReserve ? MAP_NORESERVE : 0);
     const addr = sys.mmap(0, len, PROT_READ | PROT_WRITE, flags, -1, 0);
     if (opts.dontFork) {
       try {
@@ -84,13 +107,16 @@ export class Mapping {
   }
 
   get mapped(): boolean {
-    return this.buf !== null;
+    return this.live;
   }
 
-  /** The whole region as an ArrayBuffer (zero-copy; invalid after unmap). */
+  /** The whole region as an ArrayBuffer (zero-copy; invalid after unmap). At most MAX_VIEW_BYTES. */
   get buffer(): ArrayBuffer {
-    if (this.buf === null) throw new Error('mapping used after unmap');
-    return this.buf;
+    if (!this.live) throw new Error('mapping used after unmap');
+    if (this.length > MAX_VIEW_BYTES) {
+      throw new RangeError(`a mapping of ${this.length} bytes is too large for one view: use bytes(offset, length)`);
+    }
+    return (this.buf ??= koffi.view(this.address, this.length) as ArrayBuffer);
   }
 
   get u8(): Uint8Array {
@@ -111,7 +137,10 @@ export class Mapping {
     if (offset < 0 || length < 0 || offset + length > this.length) {
       throw new RangeError(`bytes(${offset}, ${length}) outside a mapping of ${this.length}`);
     }
-    return Buffer.from(this.buffer, offset, length);
+    if (this.length <= MAX_VIEW_BYTES) return Buffer.from(this.buffer, offset, length);
+    if (!this.live) throw new Error('mapping used after unmap');
+    if (length > MAX_VIEW_BYTES) throw new RangeError(`bytes(${offset}, ${length}): at most ${MAX_VIEW_BYTES} bytes per view`);
+    return Buffer.from(koffi.view(this.address + offset, Math.max(length, 1)) as ArrayBuffer, 0, length);
   }
 
   /**
@@ -120,7 +149,8 @@ export class Mapping {
    * V8 cannot detach a koffi external buffer, so we drop our own references and refuse further use.
    */
   unmap(): void {
-    if (this.buf === null) return;
+    if (!this.live) return;
+    this.live = false;
     this.buf = null;
     this.u8_ = null;
     this.u32_ = null;

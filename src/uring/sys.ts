@@ -14,7 +14,7 @@ import koffi from 'koffi';
 import { writeSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import {
-  SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register, SYS_gettid, SYS_eventfd2,
+  SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register, SYS_gettid, SYS_eventfd2, SYS_ioctl,
 } from './abi.js';
 
 const libc = koffi.load('libc.so.6');
@@ -179,6 +179,14 @@ const EVENTFD_ONE = Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]);
  */
 export function eventfdSignal(fd: number): void {
   writeSync(fd, EVENTFD_ONE);
+}
+
+/**
+ * `ioctl(2)` with an address argument (the raw syscall: glibc's wrapper is variadic). `arg` is
+ * memory we mapped, which the kernel reads or fills; `what` names the request in errors.
+ */
+export function ioctl(fd: number, request: number, arg: number, what = `0x${request.toString(16)}`): number {
+  return check(syscall3(SYS_ioctl, fd, request, arg), () => `ioctl(fd=${fd}, ${what})`);
 }
 
 /** The calling thread's kernel task id (differs per worker thread; equals the pid on the main thread). */

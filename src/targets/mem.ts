@@ -1,0 +1,156 @@
+/**
+ * The mem target: a RAM disk, like the kernel's brd.
+ *
+ *   ublk add -t mem -s SIZE [--block-size 512|4096]
+ *
+ * The disk is one anonymous mapping made by `prepare` on the main thread, MAP_NORESERVE so that
+ * only the blocks written take memory. Every queue thread reaches it by address (threads share
+ * the address space) and serves requests by copying between it and the tag's I/O buffer, on the
+ * queue's thread, without entering the kernel. DISCARD and WRITE_ZEROES give whole pages back
+ * with madvise(MADV_DONTNEED) (they read as zeros afterwards) and zero the partial pages at the
+ * edges. The mapping is unmapped by `release`, after the last queue has stopped.
+ */
+import { totalmem } from 'node:os';
+import { Mapping, MAX_VIEW_BYTES, abi as ua, sys } from '../uring/index.js';
+import {
+  UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES, UBLK_IO_F_NOUNMAP,
+} from '../ublk/abi.js';
+import { defineTarget, TargetError, type IoRequest, type QueueHandler } from '../ublk/target.js';
+import { parseSize, UsageError } from './options.js';
+
+export interface MemOptions {
+  sizeBytes: number;
+  blockSize: number;
+}
+
+/** What the queues get (DeviceSpec.queueData): where the disk is. */
+interface MemDevice {
+  address: number;
+  size: number;
+}
+
+const EOPNOTSUPP = 95;
+
+export default defineTarget<MemOptions>({
+  name: 'mem',
+  usage: '  -s, --size SIZE        device size (required; memory is taken as blocks are written)\n  --block-size 512|4096  logical block size (default 512)\n',
+
+  parseArgs(argv) {
+    let size: number | undefined;
+    let blockSize = 512;
+    for (let i = 0; i < argv.length; i++) {
+      const a = argv[i]!;
+      if (a === '-s' || a === '--size') size = parseSize(argv[++i], a);
+      else if (a === '--block-size') blockSize = parseSize(argv[++i], a);
+      else throw new UsageError(`mem: unknown option ${a}`);
+    }
+    if (size === undefined) throw new UsageError('mem needs a size: -s SIZE (e.g. -s 1G)');
+    if (blockSize !== 512 && blockSize !== 4096) throw new UsageError(`--block-size must be 512 or 4096, got ${blockSize}`);
+    return { sizeBytes: size, blockSize };
+  },
+
+  prepare(o) {
+    if (o.sizeBytes % 4096 !== 0) throw new TargetError(`mem: the size must be a multiple of 4096, got ${o.sizeBytes}`);
+    if (o.sizeBytes > totalmem()) {
+      // MAP_NORESERVE would accept it, and the OOM killer would end the server once it filled.
+      throw new TargetError(`mem: ${o.sizeBytes} bytes is more than this machine's memory (${totalmem()} bytes): choose a smaller -s`);
+    }
+    const ram = Mapping.anonymous(o.sizeBytes, { noReserve: true });
+    const device: MemDevice = { address: ram.address, size: o.sizeBytes };
+    return {
+      sizeBytes: o.sizeBytes,
+      logicalBlockSize: o.blockSize,
+      physicalBlockSize: 4096,
+      rotational: false,
+      // Nothing is cached on the way to the memory: no FLUSH needed (brd does the same).
+      discard: { granularity: 4096, maxBytes: 2 ** 30, maxWriteZeroesBytes: 2 ** 30 },
+      describe: { size: o.sizeBytes },
+      queueData: device,
+      release: () => ram.unmap(),
+    };
+  },
+
+  openQueue(_o, queue) {
+    return new MemQueue(queue.device as MemDevice);
+  },
+});
+
+class MemQueue implements QueueHandler {
+  private readonly ram: Mapping;
+  /** Buffers over the disk, MAX_VIEW_BYTES each (one view cannot cover more), made on first use. */
+  private readonly chunks: Buffer[] = [];
+
+  constructor(device: MemDevice) {
+    this.ram = Mapping.borrow(device.address, device.size);
+  }
+
+  private chunk(i: number): Buffer {
+    return (this.chunks[i] ??= this.ram.bytes(i * MAX_VIEW_BYTES, Math.min(MAX_VIEW_BYTES, this.ram.length - i * MAX_VIEW_BYTES)));
+  }
+
+  handle(req: IoRequest): number {
+    switch (req.op) {
+      case UBLK_IO_OP_READ:
+      case UBLK_IO_OP_WRITE:
+        this.copy(req, req.op === UBLK_IO_OP_READ);
+        return req.length;
+      case UBLK_IO_OP_FLUSH:
+        return 0;
+      case UBLK_IO_OP_DISCARD:
+        this.zero(req.offset, req.length, true);
+        return 0;
+      case UBLK_IO_OP_WRITE_ZEROES:
+        // NOUNMAP: the zeros stay allocated; otherwise the pages may go back, like a discard.
+        this.zero(req.offset, req.length, !(req.flags & UBLK_IO_F_NOUNMAP));
+        return 0;
+      default:
+        return -EOPNOTSUPP;
+    }
+  }
+
+  /** Copies between the request's buffer and the disk, in pieces that do not cross a chunk. */
+  private copy(req: IoRequest, read: boolean): void {
+    let off = req.offset;
+    let done = 0;
+    while (done < req.length) {
+      const i = Math.floor(off / MAX_VIEW_BYTES);
+      const at = off - i * MAX_VIEW_BYTES;
+      const n = Math.min(req.length - done, MAX_VIEW_BYTES - at);
+      const c = this.chunk(i);
+      if (read) c.copy(req.buffer, done, at, at + n);
+      else req.buffer.copy(c, at, done, done + n);
+      done += n;
+      off += n;
+    }
+  }
+
+  /** Zeros [off, off + len): whole pages are given back (`unmap`) or filled, the edges filled. */
+  private zero(off: number, len: number, unmap: boolean): void {
+    const page = 4096;
+    const first = Math.ceil(off / page) * page;
+    const last = Math.floor((off + len) / page) * page;
+    if (unmap && last > first) {
+      this.fill(off, first - off);
+      // MADV_DONTNEED on private anonymous memory: the pages are freed, and read as zeros after.
+      sys.madvise(this.ram.address + first, last - first, ua.MADV_DONTNEED);
+      this.fill(last, off + len - last);
+    } else {
+      this.fill(off, len);
+    }
+  }
+
+  private fill(off: number, len: number): void {
+    while (len > 0) {
+      const i = Math.floor(off / MAX_VIEW_BYTES);
+      const at = off - i * MAX_VIEW_BYTES;
+      const n = Math.min(len, MAX_VIEW_BYTES - at);
+      this.chunk(i).fill(0, at, at + n);
+      off += n;
+      len -= n;
+    }
+  }
+
+  close(): void {
+    this.ram.unmap(); // drops this queue's views; the memory itself is the device's (release)
+  }
+}
