@@ -6,10 +6,10 @@
 import t from 'tap';
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
-import { alive, exists, fio, waitFor, ROOT } from './helpers.js';
+import { alive, exists, fio, waitFor, EXT, nodeArgsFor } from './helpers.js';
 
 async function startAsyncMem(args: string[]): Promise<{ devId: number; pid: number }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', `${ROOT}/test/vm/fixtures/async-mem-server.ts`, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const child = spawn(process.execPath, [...nodeArgsFor(new URL(`./fixtures/async-mem-server${EXT}`, import.meta.url)), ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
   const line = await new Promise<string>((res, rej) => {
     createInterface({ input: child.stdout }).once('line', res);
     child.once('exit', (c) => rej(new Error(`async-mem server exited ${c}`)));

@@ -4,10 +4,21 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { UblkControl } from '../../src/ublk/control.js';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+/** The checkout: the nearest directory above this file with a package.json (this file may run compiled, from build/vm). */
+export const ROOT = ((): string => {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(dir, 'package.json'))) dir = dirname(dir);
+  return dir;
+})();
+
+/** '.ts' when the suite runs through tsx, '.js' when it runs compiled (tsconfig.vm.json). */
+export const EXT = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
+
+/** Node's arguments for running a sibling module of this suite (through tsx only when it is TypeScript). */
+export const nodeArgsFor = (url: URL): string[] => (EXT === '.ts' ? ['--import', 'tsx', fileURLToPath(url)] : [fileURLToPath(url)]);
 const BIN = join(ROOT, 'bin', 'ublk.js');
 
 export interface Run {

@@ -14,6 +14,8 @@ process.env.TAP_TIMEOUT ??= '0';
 
 const filter = process.argv[2];
 const dir = new URL('.', import.meta.url);
-const files = readdirSync(dir).filter((f) => f.endsWith('.vm.ts') && (!filter || f.includes(filter))).sort();
+// Through tsx the suite is the .vm.ts files; compiled (build/vm, which CI runs) the .vm.js files.
+const ext = import.meta.url.endsWith('.ts') ? '.vm.ts' : '.vm.js';
+const files = readdirSync(dir).filter((f) => f.endsWith(ext) && (!filter || f.includes(filter))).sort();
 if (files.length === 0) throw new Error(`no VM test matches ${filter}`);
 for (const f of files) await import(new URL(f, dir).href);

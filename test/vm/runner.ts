@@ -132,7 +132,14 @@ export async function runVm(opts: VmOptions): Promise<VmResult> {
     writeFileSync(join(kdir, 'kvm-unusable'), `${r.failure ?? 'boot failed'}\n`);
     if (opts.verbose) process.stderr.write('vm: KVM could not boot this kernel; using software emulation (TCG)\n');
   }
-  return boot(kdir, opts, 'tcg');
+  // Software emulation occasionally kills a kernel while it boots (seen: an int3 Oops in
+  // sched_clock_cpu 3 s in, on 4 vCPUs, as the kernel patches its own code). The command had not
+  // started, so booting again is safe; a failure after READY is never retried.
+  for (let attempt = 1; ; attempt++) {
+    const r = await boot(kdir, opts, 'tcg');
+    if (r.code !== 125 || r.bootMs > 0 || r.failure?.startsWith('VM init failed') || attempt === 3) return r;
+    process.stderr.write(`vm: the kernel died before the command started (attempt ${attempt} of 3); booting again\n`);
+  }
 }
 
 async function boot(kdir: string, opts: VmOptions, accel: 'kvm' | 'tcg', bootTimeoutOverride?: number): Promise<VmResult> {

@@ -144,7 +144,7 @@ t.test('del while fio runs: fio ends with errors, the device goes away, nothing 
   const started = Date.now();
   const d = ublk('del', '-n', String(id));
   t.equal(d.code, 0, `del under load: ${d.stderr}`);
-  const r = await Promise.race([job.done, new Promise<undefined>((res) => setTimeout(res, 60_000))]);
+  const r = await Promise.race([job.done, new Promise<undefined>((res) => setTimeout(() => res(undefined), 60_000))]);
   t.ok(r, `fio ended ${((Date.now() - started) / 1000).toFixed(1)} s after del`);
   t.ok(r && (r.code !== 0 || r.error !== 0), `with an error (exit ${r?.code}, error ${r?.error})`);
   t.notOk(exists(`/dev/ublkb${id}`), 'the disk is gone');
@@ -158,7 +158,7 @@ t.test('kill -9 of the server while fio runs: fio fails, del cleans up, nothing 
   const job = fioBackground(`/dev/ublkb${id}`, 'randrw', { qd: 64, seconds: 60 });
   await new Promise((r) => setTimeout(r, 2000));
   process.kill(pid, 'SIGKILL');
-  const r = await Promise.race([job.done, new Promise<undefined>((res) => setTimeout(res, 60_000))]);
+  const r = await Promise.race([job.done, new Promise<undefined>((res) => setTimeout(() => res(undefined), 60_000))]);
   t.ok(r, 'fio ended');
   t.ok(r && (r.code !== 0 || r.error !== 0), `with an error (exit ${r?.code}, error ${r?.error})`);
   const d = ublk('del', '-n', String(id));
