@@ -9,9 +9,11 @@
  *   - ours: `ublk add -t null` (ring-native target)
  *   - async: the same null device as an AsyncTarget on the event loop (async-target.ts)
  *   - null_blk: the kernel's, with the same queue count and depth
- * and prints IOPS and the ratios ours/null_blk and async/ours.
+ * and prints IOPS and the ratios ours/null_blk and async/ours. The loop suite compares our loop
+ * target with the kernel's loop driver (losetup --direct-io=on) over the same file, and our mem
+ * target with brd, at 1 queue and QD 1, 32 and 128.
  *
- *   npm run bench:ublk -- [--kernel lts|newest] [--cpus N] [--seconds S] [--json]
+ *   npm run bench:ublk -- [--suite all|null|loop] [--kernel lts|newest] [--cpus N] [--seconds S] [--json]
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { writeFileSync, existsSync, readdirSync } from 'node:fs';
@@ -29,7 +31,7 @@ const opt = (name: string, dflt: string) => {
 if (process.env.UBLK_VM !== '1') {
   // Host side: run this file in the VM.
   const r = spawnSync(process.execPath, ['--import', 'tsx', join(root, 'scripts', 'vm.ts'),
-    '--kernel', opt('--kernel', 'lts'), '--cpus', opt('--cpus', '2'), '--timeout', '2400', '--',
+    '--kernel', opt('--kernel', 'lts'), '--cpus', opt('--cpus', '2'), '--mem', opt('--mem', '4096'), '--timeout', '2400', '--',
     'node', '--import', 'tsx', 'bench/ublk.ts', ...args], { stdio: 'inherit' });
   process.exit(r.status ?? 1);
 }
@@ -54,10 +56,11 @@ function runFio(dev: string, rw: string, qd: number, jobs: number): number {
   return job.read.iops + job.write.iops;
 }
 
-function ublkAdd(queues: number): number {
-  const out = sh(process.execPath, [join(root, 'bin', 'ublk.js'), 'add', '-t', 'null', '-q', String(queues), '-d', '128']);
+function ublkAdd(a: string[]): number {
+  const out = sh(process.execPath, [join(root, 'bin', 'ublk.js'), 'add', ...a]);
   return Number(out.match(/dev id (\d+)/)![1]);
 }
+const ublkDel = (id: number) => sh(process.execPath, [join(root, 'bin', 'ublk.js'), 'del', '-n', String(id)]);
 
 async function asyncAdd(queues: number): Promise<{ devId: number; stop: () => Promise<void> }> {
   const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'bench', 'ublk-async-null.ts'), String(queues)], { stdio: ['ignore', 'pipe', 'inherit'] });
@@ -67,43 +70,103 @@ async function asyncAdd(queues: number): Promise<{ devId: number; stop: () => Pr
 }
 
 interface Row { key: string; queues: number; rw: string; qd: number; ours: number; async: number; nullBlk: number }
-const rows: Row[] = [];
-for (const queues of [1, 2]) {
-  spawnSync('rmmod', ['null_blk']);
-  sh('modprobe', ['-d', KROOT, 'null_blk', 'nr_devices=1', 'queue_mode=2', `submit_queues=${queues}`, 'hw_queue_depth=128', 'irqmode=0', 'gb=250', 'bs=512']);
-  setNone('nullb0');
-  const id = ublkAdd(queues);
-  setNone(`ublkb${id}`);
-  const a = await asyncAdd(queues);
-  setNone(`ublkb${a.devId}`);
-  for (const rw of ['randread', 'randwrite']) {
-    for (const qd of [1, 32, 128]) {
-      // Interleaved, same boot: ours, null_blk, async.
-      const ours = runFio(`ublkb${id}`, rw, qd, queues);
-      const nullBlk = runFio('nullb0', rw, qd, queues);
-      const asyncIops = runFio(`ublkb${a.devId}`, rw, qd, queues);
-      const row = { key: `q${queues}_${rw}_qd${qd}`, queues, rw, qd, ours, async: asyncIops, nullBlk };
-      rows.push(row);
-      process.stderr.write(`bench: ${row.key}: ours ${Math.round(ours)} null_blk ${Math.round(nullBlk)} async ${Math.round(asyncIops)} IOPS\n`);
+async function nullSuite(): Promise<Record<string, number>> {
+  const rows: Row[] = [];
+  for (const queues of [1, 2]) {
+    spawnSync('rmmod', ['null_blk']);
+    sh('modprobe', ['-d', KROOT, 'null_blk', 'nr_devices=1', 'queue_mode=2', `submit_queues=${queues}`, 'hw_queue_depth=128', 'irqmode=0', 'gb=250', 'bs=512']);
+    setNone('nullb0');
+    const id = ublkAdd(['-t', 'null', '-q', String(queues), '-d', '128']);
+    setNone(`ublkb${id}`);
+    const a = await asyncAdd(queues);
+    setNone(`ublkb${a.devId}`);
+    for (const rw of ['randread', 'randwrite']) {
+      for (const qd of [1, 32, 128]) {
+        // Interleaved, same boot: ours, null_blk, async.
+        const ours = runFio(`ublkb${id}`, rw, qd, queues);
+        const nullBlk = runFio('nullb0', rw, qd, queues);
+        const asyncIops = runFio(`ublkb${a.devId}`, rw, qd, queues);
+        const row = { key: `q${queues}_${rw}_qd${qd}`, queues, rw, qd, ours, async: asyncIops, nullBlk };
+        rows.push(row);
+        process.stderr.write(`bench: ${row.key}: ours ${Math.round(ours)} null_blk ${Math.round(nullBlk)} async ${Math.round(asyncIops)} IOPS\n`);
+      }
     }
+    await a.stop();
+    ublkDel(id);
   }
-  await a.stop();
-  sh(process.execPath, [join(root, 'bin', 'ublk.js'), 'del', '-n', String(id)]);
-}
-spawnSync('rmmod', ['null_blk']);
+  spawnSync('rmmod', ['null_blk']);
 
-const k = (n: number) => `${(n / 1000).toFixed(1)}k`;
-console.log(`\nublk null target vs null_blk, ${process.env.UBLK_VM_PACKAGE}, ${readdirSync('/sys/devices/system/cpu').filter((d) => /^cpu\d+$/.test(d)).length} vCPUs, fio io_uring 4k, ${seconds} s per point, one boot\n`);
-console.log('| queues x jobs | workload | QD | ours IOPS | null_blk IOPS | ours / null_blk | async IOPS | async / ours |');
-console.log('|---|---|---|---|---|---|---|---|');
-for (const r of rows) {
-  console.log(`| ${r.queues} | ${r.rw} | ${r.qd} | ${k(r.ours)} | ${k(r.nullBlk)} | **${(r.ours / r.nullBlk).toFixed(2)}x** | ${k(r.async)} | ${(r.async / r.ours).toFixed(2)}x |`);
-}
-if (json) {
+  console.log(`\nublk null target vs null_blk, ${header()}\n`);
+  console.log('| queues x jobs | workload | QD | ours IOPS | null_blk IOPS | ours / null_blk | async IOPS | async / ours |');
+  console.log('|---|---|---|---|---|---|---|---|');
   const o: Record<string, number> = {};
   for (const r of rows) {
+    console.log(`| ${r.queues} | ${r.rw} | ${r.qd} | ${k(r.ours)} | ${k(r.nullBlk)} | **${(r.ours / r.nullBlk).toFixed(2)}x** | ${k(r.async)} | ${(r.async / r.ours).toFixed(2)}x |`);
     o[`null_${r.key}_vs_null_blk`] = Number((r.ours / r.nullBlk).toFixed(3));
     o[`async_${r.key}_vs_null`] = Number((r.async / r.ours).toFixed(3));
   }
-  console.log(JSON.stringify(o));
+  return o;
 }
+
+/**
+ * loop vs the kernel's loop driver (losetup --direct-io=on) over the same file, and mem vs brd:
+ * 1 queue, 1 fio job, both devices filled first so reads hit real data, points interleaved.
+ */
+async function loopSuite(): Promise<Record<string, number>> {
+  const size = 512;
+  const file = '/tmp/ublk-bench.img';
+  sh('dd', ['if=/dev/urandom', `of=${file}`, 'bs=1M', `count=${size}`, 'status=none']);
+  spawnSync('modprobe', ['-d', KROOT, 'loop']);
+  const kloop = sh('losetup', ['--find', '--show', '--direct-io=on', file]).trim().slice(5);
+  setNone(kloop);
+  const ours = ublkAdd(['-t', 'loop', '-f', file]);
+  setNone(`ublkb${ours}`);
+  spawnSync('rmmod', ['brd']);
+  sh('modprobe', ['-d', KROOT, 'brd', 'rd_nr=1', `rd_size=${size * 1024}`]);
+  setNone('ram0');
+  const mem = ublkAdd(['-t', 'mem', '-s', `${size}M`]);
+  setNone(`ublkb${mem}`);
+  for (const dev of ['ram0', `ublkb${mem}`]) sh('dd', ['if=/dev/urandom', `of=/dev/${dev}`, 'bs=1M', `count=${size}`, 'oflag=direct', 'status=none']);
+
+  const rows: Array<{ pair: string; rw: string; qd: number; ours: number; kernel: number }> = [];
+  for (const [pair, a, b] of [['loop', `ublkb${ours}`, kloop], ['mem', `ublkb${mem}`, 'ram0']] as const) {
+    for (const rw of ['randread', 'randwrite']) {
+      for (const qd of [1, 32, 128]) {
+        const x = runFio(a, rw, qd, 1);
+        const y = runFio(b, rw, qd, 1);
+        rows.push({ pair, rw, qd, ours: x, kernel: y });
+        process.stderr.write(`bench: ${pair} ${rw} QD${qd}: ours ${Math.round(x)} kernel ${Math.round(y)} IOPS\n`);
+      }
+    }
+  }
+  ublkDel(ours);
+  ublkDel(mem);
+  sh('losetup', ['-d', `/dev/${kloop}`]);
+  spawnSync('rmmod', ['brd']);
+  spawnSync('rm', ['-f', file]);
+
+  console.log(`\nublk loop vs kernel loop (--direct-io=on, same ${size} MiB file on tmpfs) and ublk mem vs brd, ${header()}, 1 queue, 1 job\n`);
+  console.log('| pair | workload | QD | ours IOPS | kernel IOPS | ours / kernel |');
+  console.log('|---|---|---|---|---|---|');
+  const o: Record<string, number> = {};
+  for (const r of rows) {
+    console.log(`| ${r.pair === 'loop' ? 'loop vs loop' : 'mem vs brd'} | ${r.rw} | ${r.qd} | ${k(r.ours)} | ${k(r.kernel)} | **${(r.ours / r.kernel).toFixed(2)}x** |`);
+    o[`${r.pair}_${r.rw}_qd${r.qd}_vs_kernel`] = Number((r.ours / r.kernel).toFixed(3));
+  }
+  for (const pair of ['loop', 'mem']) {
+    // The issue's yardstick: randread + randwrite at QD 32, summed.
+    const at32 = rows.filter((r) => r.pair === pair && r.qd === 32);
+    const ratio = at32.reduce((s, r) => s + r.ours, 0) / at32.reduce((s, r) => s + r.kernel, 0);
+    console.log(`\n${pair}: randread + randwrite at QD 32: **${ratio.toFixed(2)}x** the kernel's`);
+    o[`${pair}_qd32_rw_sum_vs_kernel`] = Number(ratio.toFixed(3));
+  }
+  return o;
+}
+
+const k = (n: number) => `${(n / 1000).toFixed(1)}k`;
+const header = () => `${process.env.UBLK_VM_PACKAGE}, ${readdirSync('/sys/devices/system/cpu').filter((d) => /^cpu\d+$/.test(d)).length} vCPUs, fio io_uring 4k, ${seconds} s per point, one boot`;
+const suite = opt('--suite', 'all');
+const out: Record<string, number> = {};
+if (suite === 'all' || suite === 'null') Object.assign(out, await nullSuite());
+if (suite === 'all' || suite === 'loop') Object.assign(out, await loopSuite());
+if (json) console.log(JSON.stringify(out));
