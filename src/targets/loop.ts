@@ -13,7 +13,7 @@
  *   DISCARD        -> fallocate(PUNCH_HOLE | KEEP_SIZE): frees the backing's blocks.
  *   WRITE_ZEROES   -> fallocate(ZERO_RANGE | KEEP_SIZE) when the request says NOUNMAP, else
  *                     PUNCH_HOLE, as loop.c's lo_fallocate does; where a file system lacks
- *                     ZERO_RANGE (tmpfs), PUNCH_HOLE then a plain fallocate give the same bytes.
+ *                     ZERO_RANGE (tmpfs), PUNCH_HOLE then fallocate(KEEP_SIZE) give the same bytes.
  * FLUSH, DISCARD and WRITE_ZEROES complete with 0, never a byte count: ublk_drv would read a
  * count of 2 GiB or more as a negative errno.
  *
@@ -21,8 +21,7 @@
  * wrong before a device exists; the queues share that fd (one address space, one fd table), each
  * registering it as a fixed file of its own ring.
  */
-import { statSync, type Stats } from 'node:fs';
-import { readFileSync } from 'node:fs';
+import { readFileSync, statSync, type Stats } from 'node:fs';
 import { resolve } from 'node:path';
 import {
   Mapping, SysError, abi as ua, prepFallocate, prepFsync, prepRead, prepWrite, setFlags, sys,
@@ -294,7 +293,7 @@ class LoopQueue implements QueueHandler {
   private pos: Float64Array = new Float64Array(0);
   private len: Uint32Array = new Uint32Array(0);
   private done: Uint32Array = new Uint32Array(0);
-  private bufs: Buffer[] = [];
+  private bufs: Array<Buffer | undefined> = [];
   /** One CQE callback per tag, made once. */
   private onRw: Array<(res: number) => void> = [];
   private onOther: Array<(res: number) => void> = [];
@@ -318,7 +317,7 @@ class LoopQueue implements QueueHandler {
     this.pos = new Float64Array(n);
     this.len = new Uint32Array(n);
     this.done = new Uint32Array(n);
-    this.bufs = new Array<Buffer>(n);
+    this.bufs = new Array<Buffer | undefined>(n);
     for (let tag = 0; tag < n; tag++) {
       this.onRw.push((res) => this.rwDone(tag, res));
       this.onOther.push((res) => this.otherDone(tag, res));
@@ -345,13 +344,12 @@ class LoopQueue implements QueueHandler {
         this.op[tag] = req.op;
         const w = this.sqe();
         prepFsync(ctx.ring.sqes, w, this.fixed, true);
-        setFlags(ctx.ring.sqes, w, ua.IOSQE_FIXED_FILE);
-        ctx.track(w, this.onOther[tag]!);
+        this.issue(w, this.onOther[tag]!);
         return undefined;
       }
       case UBLK_IO_OP_DISCARD:
         this.op[tag] = req.op;
-        this.fallocate(tag, ua.FALLOC_FL_PUNCH_HOLE, req.offset, req.length, this.onOther[tag]!);
+        this.fallocate(ua.FALLOC_FL_PUNCH_HOLE, req.offset, req.length, this.onOther[tag]!);
         return undefined;
       case UBLK_IO_OP_WRITE_ZEROES:
         this.op[tag] = req.op;
@@ -361,10 +359,10 @@ class LoopQueue implements QueueHandler {
         this.done[tag] = 0;
         if (req.flags & UBLK_IO_F_NOUNMAP) {
           // Zeros that stay allocated, so later writes there cannot fail for space.
-          if (this.noZeroRange) this.fallocate(tag, ua.FALLOC_FL_PUNCH_HOLE, req.offset, req.length, this.onZeroFallback[tag]!);
-          else this.fallocate(tag, ua.FALLOC_FL_ZERO_RANGE, req.offset, req.length, this.onOther[tag]!);
+          if (this.noZeroRange) this.fallocate(ua.FALLOC_FL_PUNCH_HOLE, req.offset, req.length, this.onZeroFallback[tag]!);
+          else this.fallocate(ua.FALLOC_FL_ZERO_RANGE, req.offset, req.length, this.onOther[tag]!);
         } else {
-          this.fallocate(tag, ua.FALLOC_FL_PUNCH_HOLE, req.offset, req.length, this.onOther[tag]!);
+          this.fallocate(ua.FALLOC_FL_PUNCH_HOLE, req.offset, req.length, this.onOther[tag]!);
         }
         return undefined;
       default:
@@ -374,6 +372,12 @@ class LoopQueue implements QueueHandler {
 
   private sqe(): number {
     return this.ctx.getSqe();
+  }
+
+  /** Sends the SQE at `w`, prepared on `this.fixed`, to the backing's fixed file; `cb` gets its CQE. */
+  private issue(w: number, cb: (res: number) => void): void {
+    setFlags(this.ctx.ring.sqes, w, ua.IOSQE_FIXED_FILE);
+    this.ctx.track(w, cb);
   }
 
   /** READ/WRITE of what is left of tag's request. */
@@ -390,8 +394,7 @@ class LoopQueue implements QueueHandler {
       prepWrite(s, w, this.fixed, a, n, off);
       if (this.flags[tag]! & UBLK_IO_F_FUA) s[w + 7] = ua.RWF_DSYNC; // sqe->rw_flags
     }
-    setFlags(s, w, ua.IOSQE_FIXED_FILE);
-    this.ctx.track(w, this.onRw[tag]!);
+    this.issue(w, this.onRw[tag]!);
   }
 
   private rwDone(tag: number, res: number): void {
@@ -412,16 +415,15 @@ class LoopQueue implements QueueHandler {
       return;
     }
     if (this.op[tag] === UBLK_IO_OP_WRITE && this.flags[tag]! & UBLK_IO_F_FUA) this.counters[C_DSYNC_WRITES]!++;
-    this.bufs[tag] = undefined as unknown as Buffer;
+    this.bufs[tag] = undefined;
     this.ctx.complete(tag, len);
   }
 
-  private fallocate(tag: number, mode: number, offset: number, length: number, cb: (res: number) => void): void {
-    const s = this.ctx.ring.sqes;
+  /** fallocate(mode | KEEP_SIZE) over device range [offset, offset + length). */
+  private fallocate(mode: number, offset: number, length: number, cb: (res: number) => void): void {
     const w = this.sqe();
-    prepFallocate(s, w, this.fixed, mode | ua.FALLOC_FL_KEEP_SIZE, this.base + offset, length);
-    setFlags(s, w, ua.IOSQE_FIXED_FILE);
-    this.ctx.track(w, cb);
+    prepFallocate(this.ctx.ring.sqes, w, this.fixed, mode | ua.FALLOC_FL_KEEP_SIZE, this.base + offset, length);
+    this.issue(w, cb);
   }
 
   /** FLUSH, DISCARD and WRITE_ZEROES: complete with 0 (never a byte count) or the error. */
@@ -431,7 +433,7 @@ class LoopQueue implements QueueHandler {
       // This file system has no ZERO_RANGE (tmpfs): punch, then allocate, from now on.
       this.noZeroRange = true;
       this.done[tag] = 0;
-      this.fallocate(tag, ua.FALLOC_FL_PUNCH_HOLE, this.pos[tag]!, this.len[tag]!, this.onZeroFallback[tag]!);
+      this.fallocate(ua.FALLOC_FL_PUNCH_HOLE, this.pos[tag]!, this.len[tag]!, this.onZeroFallback[tag]!);
       return;
     }
     if (res < 0) return this.fail(tag, res);
@@ -446,11 +448,7 @@ class LoopQueue implements QueueHandler {
     if (res < 0) return this.fail(tag, res);
     if (this.done[tag] === 0) {
       this.done[tag] = 1;
-      const s = this.ctx.ring.sqes;
-      const w = this.sqe();
-      prepFallocate(s, w, this.fixed, 0, this.base + this.pos[tag]!, this.len[tag]!);
-      setFlags(s, w, ua.IOSQE_FIXED_FILE);
-      this.ctx.track(w, this.onZeroFallback[tag]!);
+      this.fallocate(0, this.pos[tag]!, this.len[tag]!, this.onZeroFallback[tag]!);
       return;
     }
     this.counters[C_ZERO_RANGE]!++;
@@ -459,7 +457,7 @@ class LoopQueue implements QueueHandler {
 
   private fail(tag: number, res: number): void {
     this.counters[C_ERRORS]!++;
-    this.bufs[tag] = undefined as unknown as Buffer;
+    this.bufs[tag] = undefined;
     // The errno reaches the block layer (errno_to_blk_status): ENOSPC and EOPNOTSUPP keep their
     // meaning, anything it has no status for becomes EIO.
     this.ctx.complete(tag, res);

@@ -108,20 +108,12 @@ class MemQueue implements QueueHandler {
     }
   }
 
-  /** Copies between the request's buffer and the disk, in pieces that do not cross a chunk. */
+  /** Copies between the request's buffer and the disk. */
   private copy(req: IoRequest, read: boolean): void {
-    let off = req.offset;
-    let done = 0;
-    while (done < req.length) {
-      const i = Math.floor(off / MAX_VIEW_BYTES);
-      const at = off - i * MAX_VIEW_BYTES;
-      const n = Math.min(req.length - done, MAX_VIEW_BYTES - at);
-      const c = this.chunk(i);
+    this.pieces(req.offset, req.length, (c, at, n, done) => {
       if (read) c.copy(req.buffer, done, at, at + n);
       else req.buffer.copy(c, at, done, done + n);
-      done += n;
-      off += n;
-    }
+    });
   }
 
   /** Zeros [off, off + len): whole pages are given back (`unmap`) or filled, the edges filled. */
@@ -140,13 +132,20 @@ class MemQueue implements QueueHandler {
   }
 
   private fill(off: number, len: number): void {
-    while (len > 0) {
-      const i = Math.floor(off / MAX_VIEW_BYTES);
-      const at = off - i * MAX_VIEW_BYTES;
-      const n = Math.min(len, MAX_VIEW_BYTES - at);
-      this.chunk(i).fill(0, at, at + n);
-      off += n;
-      len -= n;
+    this.pieces(off, len, (c, at, n) => c.fill(0, at, at + n));
+  }
+
+  /**
+   * Walks disk range [off, off + len) in pieces that do not cross a chunk: `fn` gets the chunk,
+   * the piece's offset in it, its length, and how much of the range came before it.
+   */
+  private pieces(off: number, len: number, fn: (chunk: Buffer, at: number, n: number, done: number) => void): void {
+    for (let done = 0; done < len;) {
+      const i = Math.floor((off + done) / MAX_VIEW_BYTES);
+      const at = off + done - i * MAX_VIEW_BYTES;
+      const n = Math.min(len - done, MAX_VIEW_BYTES - at);
+      fn(this.chunk(i), at, n, done);
+      done += n;
     }
   }
 

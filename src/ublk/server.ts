@@ -144,19 +144,13 @@ export class UblkServer {
       throw new UblkError(`max I/O size must be a power of two from 4096 to 32 MiB (the kernel's buffer field has 25 bits), got ${maxIoBytes}`);
     }
     const counterNames = opts.target?.counters ?? [];
-    let params: DevParams;
-    let ctrl: UblkControl;
-    try {
-      params = paramsFor(spec, maxIoBytes);
-      ctrl = new UblkControl();
-    } catch (e) {
-      spec.release?.();
-      throw e;
-    }
+    let ctrl: UblkControl | undefined;
     let info: DevInfo | undefined;
     let charFd = -1;
     const started: QueueWorker[] = [];
     try {
+      const params = paramsFor(spec, maxIoBytes);
+      ctrl = new UblkControl();
       info = ctrl.addDev({
         devId: opts.devId === undefined || opts.devId < 0 ? 0xffffffff : opts.devId,
         nrHwQueues: queues,
@@ -180,7 +174,7 @@ export class UblkServer {
       return new UblkServer(ctrl, info, spec, charFd, started, counterNames);
     } catch (e) {
       // Unwind: no half-created device may stay behind.
-      if (info) {
+      if (ctrl && info) {
         for (const q of started) wake(q, true);
         try { await ctrl.stopDevAsync(info.devId); } catch { /* not started */ }
         await Promise.allSettled(started.map((q) => q.done));
@@ -188,7 +182,7 @@ export class UblkServer {
         try { await ctrl.delDevAsync(info.devId); } catch { /* best effort */ }
       }
       for (const q of started) sys.close(q.wakeFd);
-      ctrl.close();
+      ctrl?.close();
       spec.release?.();
       throw e;
     }

@@ -12,13 +12,13 @@ import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, trun
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { UblkServer } from '../../src/ublk/server.js';
-import loop from '../../src/targets/loop.js';
-import { addDevice, alive, exists, fioBackground, ublk, ublkIds, waitFor, EXT, ROOT } from './helpers.js';
+import { loadTarget } from '../../src/targets/index.js';
+import { addDevice, alive, exists, fioBackground, ublk, ublkIds, waitFor, ROOT } from './helpers.js';
 
 const MiB = 2 ** 20;
 const work = mkdtempSync('/tmp/ublk-loop-');
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
-const LOOP_URL = new URL(`../../src/targets/loop${EXT}`, import.meta.url).href;
+const { def: loop, url: LOOP_URL } = (await loadTarget('loop'))!;
 
 t.afterEach(() => {
   const left = ublkIds();

@@ -7,6 +7,7 @@
  *   npm run vm -- node --import tsx test/vm/run-in-vm.ts [FILTER]
  */
 import { readdirSync } from 'node:fs';
+import { EXT } from './helpers.js';
 
 // Run directly (not under tap's runner), tap's root test has a 30 s default timeout; the VM suite
 // bounds itself instead (each test waits with its own limits, and the VM runner kills a hung run).
@@ -15,7 +16,6 @@ process.env.TAP_TIMEOUT ??= '0';
 const filter = process.argv[2];
 const dir = new URL('.', import.meta.url);
 // Through tsx the suite is the .vm.ts files; compiled (build/vm, which CI runs) the .vm.js files.
-const ext = import.meta.url.endsWith('.ts') ? '.vm.ts' : '.vm.js';
-const files = readdirSync(dir).filter((f) => f.endsWith(ext) && (!filter || f.includes(filter))).sort();
+const files = readdirSync(dir).filter((f) => f.endsWith(`.vm${EXT}`) && (!filter || f.includes(filter))).sort();
 if (files.length === 0) throw new Error(`no VM test matches ${filter}`);
 for (const f of files) await import(new URL(f, dir).href);
