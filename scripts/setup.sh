@@ -9,13 +9,14 @@
 #   qemu-system-x86  the VM (software emulation where KVM cannot run the kernels)
 #   busybox-static, cpio, kmod, xz-utils  the initramfs and module handling
 #   e2fsprogs        mkfs/fsck for the file-system tests run in the guest
+#   python3-minimal  the loop tests' SEEK_DATA/SEEK_HOLE maps and edge-case pread/pwrite in the guest
 # Then it warms the caches (sid headers; with --vm the LTS and newest kernels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 vm=0
 [ "${1:-}" = --vm ] && vm=1
 pkgs=(gcc libc6-dev liburing-dev fio ca-certificates)
-[ $vm = 0 ] || pkgs+=(qemu-system-x86 busybox-static cpio kmod xz-utils e2fsprogs)
+[ $vm = 0 ] || pkgs+=(qemu-system-x86 busybox-static cpio kmod xz-utils e2fsprogs python3-minimal)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
