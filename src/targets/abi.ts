@@ -1,8 +1,10 @@
 /**
- * The kernel ABI the targets use beyond io_uring and ublk: block-device ioctls.
+ * The kernel ABI the targets use beyond io_uring and ublk: block-device ioctls and file-system
+ * magic numbers.
  *
- * Mirrors `include/uapi/linux/fs.h` (checked against the system's and Debian sid's headers by
- * test/targets/conformance.test.ts, which compiles the C names with gcc). Same naming rule as
+ * Mirrors `include/uapi/linux/fs.h` and `include/uapi/linux/magic.h` (checked against the
+ * system's and Debian sid's headers by test/targets/conformance.test.ts, which compiles the C
+ * names with gcc). Same naming rule as
  * src/uring/abi.ts: every constant keeps its C name.
  */
 
@@ -14,3 +16,6 @@ export const BLKSSZGET = 0x1268;
 export const BLKGETSIZE64 = 0x80081272;
 /** `_IO(0x12, 123)`: unsigned int, the physical block size in bytes. */
 export const BLKPBSZGET = 0x127b;
+
+/** statfs(2) `f_type` of tmpfs (and of /dev/shm): shmem, mm/shmem.c. */
+export const TMPFS_MAGIC = 0x01021994;

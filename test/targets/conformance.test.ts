@@ -1,5 +1,5 @@
 /**
- * Every constant in src/targets/abi.ts, checked against <linux/fs.h> by gcc (the host's headers
+ * Every constant in src/targets/abi.ts, checked against <linux/fs.h> and <linux/magic.h> by gcc (the host's headers
  * and Debian sid's newest, which must declare everything; see test/helpers/cabi.ts).
  */
 import t from 'tap';
@@ -7,7 +7,7 @@ import * as abi from '../../src/targets/abi.js';
 import { checkAbi, debianHeaderSet, systemHeaderSet } from '../helpers/cabi.js';
 
 await checkAbi(t, abi, {
-  includes: ['<linux/fs.h>'],
+  includes: ['<linux/fs.h>', '<linux/magic.h>'],
   headerSets: [
     systemHeaderSet({ mustHaveAll: true }),
     debianHeaderSet('sid', { mustHaveAll: true }),

@@ -6,11 +6,13 @@
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, mkdtempSync, readdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readdirSync, readFileSync, rmSync, statfsSync, truncateSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import loop, { type LoopOptions } from '../../src/targets/loop.js';
+import { TMPFS_MAGIC } from '../../src/targets/abi.js';
 import { TargetError } from '../../src/ublk/target.js';
 import { UsageError } from '../../src/targets/options.js';
 import { abi as ua, sys } from '../../src/uring/index.js';
@@ -233,5 +235,33 @@ t.test('a backing that shrank reads as zeros past its end; errors (ENOSPC) reach
   t.equal(full.counters[loop.counters!.indexOf('errors')], 1);
   full.close();
   sys.close(fd);
+  t.end();
+});
+
+t.test('a backing on tmpfs is opened O_NONBLOCK, so io_uring serves it inline, without io-wq workers', (t) => {
+  // The contrast needs a tmpfs file and one on a file system with FMODE_NOWAIT (ext4, xfs...).
+  const shm = '/dev/shm';
+  t.equal(statfsSync(shm).type, TMPFS_MAGIC, `${shm} must be tmpfs for this test`);
+  t.not(statfsSync(dir).type, TMPFS_MAGIC, `${dir} must not be tmpfs for this test`);
+  const probe = (file: string, how: 'prepare' | 'plain') => {
+    // A child process: its only ring is the probe's, so any iou-wrk thread is the probe's doing.
+    const r = spawnSync(process.execPath, [...process.execArgv, fileURLToPath(new URL('../helpers/loop-iowq-probe.ts', import.meta.url)), file, how], { encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`probe failed: ${r.stderr}`);
+    return JSON.parse(r.stdout) as { workers: number; nonblock: boolean; failed: number };
+  };
+  const onShm = join(shm, `ublk-loop-test-${process.pid}.img`);
+  writeFileSync(onShm, '');
+  truncateSync(onShm, 4 * MiB);
+  t.teardown(() => rmSync(onShm, { force: true }));
+  t.same(probe(onShm, 'prepare'), { workers: 0, nonblock: true, failed: 0 },
+    'tmpfs: O_NONBLOCK, 128 requests served inline with no io-wq worker');
+  const plain = probe(onShm, 'plain');
+  t.same({ ...plain, workers: plain.workers > 0 }, { workers: true, nonblock: false, failed: 0 },
+    `the same file without O_NONBLOCK: io_uring punts to io-wq (${plain.workers} workers)`);
+  // Whether ext4 & co. then go inline depends on more than the flag (an O_DIRECT write into a
+  // hole, or over cached pages, is punted under NOWAIT), so only the flag is asserted here.
+  const other = probe(backing('nowait.img', 4 * MiB), 'prepare');
+  t.same({ nonblock: other.nonblock, failed: other.failed }, { nonblock: false, failed: 0 },
+    `a file system with FMODE_NOWAIT is opened without O_NONBLOCK (${other.workers} io-wq workers)`);
   t.end();
 });
