@@ -13,7 +13,7 @@ import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { UblkServer } from '../../src/ublk/server.js';
 import { loadTarget } from '../../src/targets/index.js';
-import { addDevice, alive, exists, fioBackground, ublk, ublkIds, waitFor, ROOT } from './helpers.js';
+import { addDevice, alive, exists, fio, fioBackground, ublk, ublkIds, waitFor, ROOT } from './helpers.js';
 
 const MiB = 2 ** 20;
 const work = mkdtempSync('/tmp/ublk-loop-');
@@ -341,6 +341,35 @@ t.test('a block device as backing (brd): size and sector size by ioctl, verify, 
   t.equal(readFileSync(`/sys/block/ublkb${rid}/ro`, 'utf8').trim(), '1');
   t.equal(ublk('del', '-n', String(rid)).code, 0);
   sh('blockdev', ['--setrw', '/dev/ram0']);
+  t.end();
+});
+
+/** The io-wq workers (`iou-wrk-TID`) of process `pid` that serve a thread other than its main one. */
+function queueWorkers(pid: number): string[] {
+  const names = sh('sh', ['-c', `cat /proc/${pid}/task/*/comm`]).out.split('\n');
+  // The main thread's control ring has a worker of its own (ublk_drv answers some control
+  // commands only from a blocking context); the queue threads' rings are what this is about.
+  return names.filter((n) => n.startsWith('iou-wrk-') && n !== `iou-wrk-${pid}`);
+}
+
+t.test('a tmpfs backing is opened O_NONBLOCK and served inline: no io-wq worker for O_DIRECT I/O', (t) => {
+  // Without O_NONBLOCK io_uring sends every READ/WRITE on tmpfs to an io-wq worker (shmem sets
+  // no FMODE_NOWAIT); buffered writes it punts regardless, which shows the count works here.
+  const file = sparse('inline.img', 64 * MiB);
+  for (const buffered of [false, true]) {
+    const id = addDevice('-t', 'loop', '-f', file, ...(buffered ? ['--buffered'] : []));
+    const pid = (JSON.parse(readFileSync(`/run/ublk/ublkb${id}.json`, 'utf8')) as { pid: number }).pid;
+    const fdinfo = sh('sh', ['-c', `for f in /proc/${pid}/fd/*; do [ "$(readlink $f)" = ${file} ] && cat /proc/${pid}/fdinfo/\${f##*/}; done`]).out;
+    const flags = parseInt(/^flags:\s+(\d+)/m.exec(fdinfo)?.[1] ?? 'NaN', 8);
+    t.equal(flags & 0o4000, 0o4000, `${buffered ? 'buffered' : 'O_DIRECT'}: the server's backing fd has O_NONBLOCK (flags 0${flags.toString(8)})`);
+    const r = fio(`/dev/ublkb${id}`, 'randrw', { qd: 32, seconds: 2 });
+    t.equal(r.error, 0, `${buffered ? 'buffered' : 'O_DIRECT'}: fio randrw: ${r.ios} I/Os`);
+    const workers = queueWorkers(pid);
+    if (buffered) t.ok(workers.length > 0, `buffered writes are punted to io-wq: ${workers.join(' ')}`);
+    else t.same(workers, [], 'O_DIRECT reads and writes: the queue thread started no io-wq worker');
+    ublk('del', '-n', String(id));
+  }
+  rmSync(file);
   t.end();
 });
 
