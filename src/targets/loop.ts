@@ -318,7 +318,8 @@ class LoopQueue implements QueueHandler {
   private pos: Float64Array = new Float64Array(0);
   private len: Uint32Array = new Uint32Array(0);
   private done: Uint32Array = new Uint32Array(0);
-  private bufs: Array<Buffer | undefined> = [];
+  /** The request being served (its buffer is needed only to zero-fill past a shrunk backing). */
+  private reqs: Array<IoRequest | undefined> = [];
   /** One CQE callback per tag, made once. */
   private onRw: Array<(res: number) => void> = [];
   private onOther: Array<(res: number) => void> = [];
@@ -342,7 +343,7 @@ class LoopQueue implements QueueHandler {
     this.pos = new Float64Array(n);
     this.len = new Uint32Array(n);
     this.done = new Uint32Array(n);
-    this.bufs = new Array<Buffer | undefined>(n);
+    this.reqs = new Array<IoRequest | undefined>(n);
     for (let tag = 0; tag < n; tag++) {
       this.onRw.push((res) => this.rwDone(tag, res));
       this.onOther.push((res) => this.otherDone(tag, res));
@@ -362,7 +363,7 @@ class LoopQueue implements QueueHandler {
         this.pos[tag] = req.offset;
         this.len[tag] = req.length;
         this.done[tag] = 0;
-        this.bufs[tag] = req.buffer;
+        this.reqs[tag] = req;
         this.submitRw(tag);
         return undefined;
       case UBLK_IO_OP_FLUSH: {
@@ -428,7 +429,7 @@ class LoopQueue implements QueueHandler {
     if (res === 0) {
       if (this.op[tag] === UBLK_IO_OP_WRITE) return this.fail(tag, -EIO); // no progress: never loop
       // The backing ends before the device does (it was truncated): the rest reads as zeros.
-      this.bufs[tag]!.fill(0, this.done[tag]!, len);
+      this.reqs[tag]!.buffer.fill(0, this.done[tag]!, len);
       this.done[tag] = len;
     } else {
       this.done[tag]! += res;
@@ -440,7 +441,7 @@ class LoopQueue implements QueueHandler {
       return;
     }
     if (this.op[tag] === UBLK_IO_OP_WRITE && this.flags[tag]! & UBLK_IO_F_FUA) this.counters[C_DSYNC_WRITES]!++;
-    this.bufs[tag] = undefined;
+    this.reqs[tag] = undefined;
     this.ctx.complete(tag, len);
   }
 
@@ -482,7 +483,7 @@ class LoopQueue implements QueueHandler {
 
   private fail(tag: number, res: number): void {
     this.counters[C_ERRORS]!++;
-    this.bufs[tag] = undefined;
+    this.reqs[tag] = undefined;
     // The errno reaches the block layer (errno_to_blk_status): ENOSPC and EOPNOTSUPP keep their
     // meaning, anything it has no status for becomes EIO.
     this.ctx.complete(tag, res);

@@ -77,6 +77,28 @@ export interface QueueOptions {
   onWake?: (q: Queue) => boolean;
 }
 
+/**
+ * The IoRequest of one tag, made on its first request and refilled for every later one: a busy
+ * queue serves tens of thousands of requests a second, and a fresh object plus a Buffer view per
+ * request kept V8's garbage collector running. The target may use it until it completes the
+ * request (target.ts says so); the sized Buffer view is made only when a target asks for it.
+ */
+class TagRequest implements IoRequest {
+  op = 0;
+  flags = 0;
+  offset = 0;
+  length = 0;
+  private sized: Buffer | undefined;
+
+  constructor(readonly tag: number, readonly address: number, private readonly whole: Buffer) {}
+
+  get buffer(): Buffer {
+    const n = Math.min(this.length, this.whole.length);
+    if (this.sized?.length !== n) this.sized = this.whole.subarray(0, n);
+    return this.sized;
+  }
+}
+
 const enum TagState {
   /** FETCH or COMMIT_AND_FETCH outstanding in the kernel. */
   InKernel,
@@ -98,6 +120,8 @@ export class Queue implements QueueContext {
   private readonly handler: QueueHandler;
   private readonly state: Uint8Array;
   private readonly views: Buffer[] = [];
+  /** One request object per tag, refilled for each request the tag carries. */
+  private readonly requests: TagRequest[] = [];
   private doneTags = 0;
   /** Target CQE callbacks by slot; free slots are chained through `freeSlots`. */
   private readonly callbacks: Array<((res: number, flags: number) => void) | undefined> = [];
@@ -207,16 +231,11 @@ export class Queue implements QueueContext {
     const opFlags = d[i + (ublksrv_io_desc.op_flags >> 2)]!;
     const sectors = d[i + (ublksrv_io_desc.nr_sectors >> 2)]!;
     const start = d[i + (ublksrv_io_desc.start_sector >> 2)]! + d[i + (ublksrv_io_desc.start_sector >> 2) + 1]! * 2 ** 32;
-    const length = sectors * 512;
-    const req: IoRequest = {
-      tag,
-      op: opFlags & 0xff,
-      flags: opFlags & ~0xff,
-      offset: start * 512,
-      length,
-      buffer: length <= this.bufSize ? this.view(tag).subarray(0, length) : this.view(tag),
-      address: this.bufs.address + tag * this.bufSize,
-    };
+    const req = (this.requests[tag] ??= new TagRequest(tag, this.bufs.address + tag * this.bufSize, this.view(tag)));
+    req.op = opFlags & 0xff;
+    req.flags = opFlags & ~0xff;
+    req.offset = start * 512;
+    req.length = sectors * 512;
     let result: number | undefined;
     try {
       result = this.handler.handle(req, this);

@@ -14,7 +14,11 @@
  */
 import type { IoUring } from '../uring/index.js';
 
-/** One block request, as the kernel described it in the queue's descriptor array. */
+/**
+ * One block request, as the kernel described it in the queue's descriptor array. Valid until the
+ * target completes it: the queue reuses the object (and the buffer) for the tag's next request,
+ * so copy out anything needed later.
+ */
 export interface IoRequest {
   /** The tag: index of this request's slot in the queue (0 .. depth-1). */
   readonly tag: number;
