@@ -10,10 +10,10 @@
  *   - async: the same null device as an AsyncTarget on the event loop (async-target.ts)
  *   - null_blk: the kernel's, with the same queue count and depth
  * and prints IOPS and the ratios ours/null_blk and async/ours. The loop suite compares our loop
- * target with the kernel's loop driver (losetup --direct-io=on) over the same file, and our mem
- * target with brd, at 1 queue and QD 1, 32 and 128.
+ * target with the kernel's loop driver (losetup --direct-io=on) over the same file (on tmpfs, and
+ * on ext4 on a RAM disk), and our mem target with brd, at 1 queue and QD 1, 32 and 128.
  *
- *   npm run bench:ublk -- [--suite all|null|loop] [--kernel lts|newest] [--cpus N] [--seconds S] [--json]
+ *   npm run bench:ublk -- [--suite all|null|loop] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { writeFileSync, existsSync, readdirSync } from 'node:fs';
@@ -110,54 +110,96 @@ async function nullSuite(): Promise<Record<string, number>> {
 
 /**
  * loop vs the kernel's loop driver (losetup --direct-io=on) over the same file, and mem vs brd:
- * 1 queue, 1 fio job, both devices filled first so reads hit real data, points interleaved.
+ * 1 queue, 1 fio job, every device filled with data first so reads hit real data, points
+ * interleaved. The loop pair runs over two backings: a file on tmpfs, and a file on ext4 on a
+ * brd RAM disk (a disk file system, without a slow disk under it). `--rounds N` repeats the
+ * whole interleaved sweep N times and reports each device's median IOPS per point.
  */
 async function loopSuite(): Promise<Record<string, number>> {
   const size = 512;
-  const file = '/tmp/ublk-bench.img';
-  sh('dd', ['if=/dev/urandom', `of=${file}`, 'bs=1M', `count=${size}`, 'status=none']);
+  const rounds = Number(opt('--rounds', '1'));
+  const tmpfsFile = '/tmp/ublk-bench.img';
+  const mnt = '/tmp/ublk-bench-ext4';
+  const ext4File = `${mnt}/ublk-bench.img`;
+  sh('dd', ['if=/dev/urandom', `of=${tmpfsFile}`, 'bs=1M', `count=${size}`, 'status=none']);
   spawnSync('modprobe', ['-d', KROOT, 'loop']);
-  const kloop = sh('losetup', ['--find', '--show', '--direct-io=on', file]).trim().slice(5);
-  setNone(kloop);
-  const ours = ublkAdd(['-t', 'loop', '-f', file]);
-  setNone(`ublkb${ours}`);
   spawnSync('rmmod', ['brd']);
-  sh('modprobe', ['-d', KROOT, 'brd', 'rd_nr=1', `rd_size=${size * 1024}`]);
+  // ram0 for mem vs brd, ram1 for the ext4 backing (room for the file plus ext4's metadata).
+  sh('modprobe', ['-d', KROOT, 'brd', 'rd_nr=2', `rd_size=${(size + 128) * 1024}`]);
+  sh('mkfs.ext4', ['-q', '/dev/ram1']);
+  sh('mkdir', ['-p', mnt]);
+  sh('mount', ['/dev/ram1', mnt]);
+  sh('cp', [tmpfsFile, ext4File]);
+  sh('sync', []);
+  // No cached pages over the file: O_DIRECT over cached pages is slower for both loops.
+  writeFileSync('/proc/sys/vm/drop_caches', '3');
+  const kloops: string[] = [];
+  const ids: number[] = [];
+  const pairs: Array<{ pair: string; ours: string; kernel: string }> = [];
+  for (const [pair, file] of [['loop-tmpfs', tmpfsFile], ['loop-ext4', ext4File]] as const) {
+    const kloop = sh('losetup', ['--find', '--show', '--direct-io=on', file]).trim().slice(5);
+    kloops.push(kloop);
+    setNone(kloop);
+    const id = ublkAdd(['-t', 'loop', '-f', file]);
+    ids.push(id);
+    setNone(`ublkb${id}`);
+    pairs.push({ pair, ours: `ublkb${id}`, kernel: kloop });
+  }
   setNone('ram0');
   const mem = ublkAdd(['-t', 'mem', '-s', `${size}M`]);
+  ids.push(mem);
   setNone(`ublkb${mem}`);
-  for (const dev of ['ram0', `ublkb${mem}`]) sh('dd', ['if=/dev/urandom', `of=/dev/${dev}`, 'bs=1M', `count=${size}`, 'oflag=direct', 'status=none']);
+  for (const dev of ['ram0', `ublkb${mem}`]) sh('dd', [`if=${tmpfsFile}`, `of=/dev/${dev}`, 'bs=1M', 'oflag=direct', 'status=none']);
+  pairs.push({ pair: 'mem', ours: `ublkb${mem}`, kernel: 'ram0' });
 
-  const rows: Array<{ pair: string; rw: string; qd: number; ours: number; kernel: number }> = [];
-  for (const [pair, a, b] of [['loop', `ublkb${ours}`, kloop], ['mem', `ublkb${mem}`, 'ram0']] as const) {
-    for (const rw of ['randread', 'randwrite']) {
-      for (const qd of [1, 32, 128]) {
-        const x = runFio(a, rw, qd, 1);
-        const y = runFio(b, rw, qd, 1);
-        rows.push({ pair, rw, qd, ours: x, kernel: y });
-        process.stderr.write(`bench: ${pair} ${rw} QD${qd}: ours ${Math.round(x)} kernel ${Math.round(y)} IOPS\n`);
+  const samples = new Map<string, { ours: number[]; kernel: number[] }>();
+  for (let round = 0; round < rounds; round++) {
+    for (const { pair, ours, kernel } of pairs) {
+      for (const rw of ['randread', 'randwrite']) {
+        for (const qd of [1, 32, 128]) {
+          const x = runFio(ours, rw, qd, 1);
+          const y = runFio(kernel, rw, qd, 1);
+          const key = `${pair} ${rw} ${qd}`;
+          const s = samples.get(key) ?? { ours: [], kernel: [] };
+          s.ours.push(x);
+          s.kernel.push(y);
+          samples.set(key, s);
+          process.stderr.write(`bench: round ${round + 1}/${rounds} ${pair} ${rw} QD${qd}: ours ${Math.round(x)} kernel ${Math.round(y)} IOPS\n`);
+        }
       }
     }
   }
-  ublkDel(ours);
-  ublkDel(mem);
-  sh('losetup', ['-d', `/dev/${kloop}`]);
+  for (const id of ids) ublkDel(id);
+  for (const kloop of kloops) sh('losetup', ['-d', `/dev/${kloop}`]);
+  sh('umount', [mnt]);
   spawnSync('rmmod', ['brd']);
-  spawnSync('rm', ['-f', file]);
+  spawnSync('rm', ['-f', tmpfsFile]);
 
-  console.log(`\nublk loop vs kernel loop (--direct-io=on, same ${size} MiB file on tmpfs) and ublk mem vs brd, ${header()}, 1 queue, 1 job\n`);
+  const median = (a: number[]) => {
+    const b = [...a].sort((p, q) => p - q);
+    return b.length % 2 ? b[(b.length - 1) / 2]! : (b[b.length / 2 - 1]! + b[b.length / 2]!) / 2;
+  };
+  const label: Record<string, string> = {
+    'loop-tmpfs': 'loop vs loop, file on tmpfs', 'loop-ext4': 'loop vs loop, file on ext4 on brd', mem: 'mem vs brd',
+  };
+  console.log(`\nublk loop vs kernel loop (--direct-io=on, the same ${size} MiB file) and ublk mem vs brd, ${header()}, 1 queue, 1 job, ` +
+    `${rounds > 1 ? `median of ${rounds} interleaved rounds` : 'one round'}\n`);
   console.log('| pair | workload | QD | ours IOPS | kernel IOPS | ours / kernel |');
   console.log('|---|---|---|---|---|---|');
   const o: Record<string, number> = {};
+  const rows = [...samples].map(([key, s]) => {
+    const [pair, rw, qd] = key.split(' ') as [string, string, string];
+    return { pair, rw, qd: Number(qd), ours: median(s.ours), kernel: median(s.kernel) };
+  });
   for (const r of rows) {
-    console.log(`| ${r.pair === 'loop' ? 'loop vs loop' : 'mem vs brd'} | ${r.rw} | ${r.qd} | ${k(r.ours)} | ${k(r.kernel)} | **${(r.ours / r.kernel).toFixed(2)}x** |`);
+    console.log(`| ${label[r.pair]} | ${r.rw} | ${r.qd} | ${k(r.ours)} | ${k(r.kernel)} | **${(r.ours / r.kernel).toFixed(2)}x** |`);
     o[`${r.pair}_${r.rw}_qd${r.qd}_vs_kernel`] = Number((r.ours / r.kernel).toFixed(3));
   }
-  for (const pair of ['loop', 'mem']) {
+  for (const { pair } of pairs) {
     // The issue's yardstick: randread + randwrite at QD 32, summed.
     const at32 = rows.filter((r) => r.pair === pair && r.qd === 32);
     const ratio = at32.reduce((s, r) => s + r.ours, 0) / at32.reduce((s, r) => s + r.kernel, 0);
-    console.log(`\n${pair}: randread + randwrite at QD 32: **${ratio.toFixed(2)}x** the kernel's`);
+    console.log(`\n${label[pair]}: randread + randwrite at QD 32: **${ratio.toFixed(2)}x** the kernel's`);
     o[`${pair}_qd32_rw_sum_vs_kernel`] = Number(ratio.toFixed(3));
   }
   return o;
