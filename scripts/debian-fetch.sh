@@ -5,7 +5,8 @@
 #   scripts/debian-fetch.sh SUITE DEST PACKAGE...     download .debs into DEST
 #   scripts/debian-fetch.sh SUITE --apt-cache ARGS...  run apt-cache on that suite's lists
 #
-# SUITE is a Debian suite name (sid, bookworm, bookworm-security). The .deb files land in DEST.
+# SUITE is a Debian suite name (sid, bookworm, bookworm-security, trixie-backports), main only.
+# The .deb files land in DEST.
 # The apt lists live in ${UBLK_CACHE:-~/.cache/ublk}/apt/SUITE and are refreshed at most once an hour.
 set -euo pipefail
 suite=$1 dest=$2; shift 2

@@ -4,15 +4,18 @@
 #   scripts/vm-kernel.sh lts|newest|VERSION
 #
 #   lts      the newest linux-image-6.12.*+debNN-amd64 in bookworm-security (Linux 6.12 LTS)
-#   newest   the newest linux-image-*-amd64 in sid
-#   VERSION  e.g. 6.12.117 or 7.2.13: that version from either suite
+#   newest   the newest linux-image-*+debNN-amd64 in sid or trixie-backports, by upstream
+#            version (sort -V; on a tie, the higher +debNN); backports often runs ahead of sid
+#   VERSION  e.g. 6.12.117, 7.2.13 or 7.3.4: that version from the first of bookworm-security,
+#            sid, trixie-backports that has it
 #
 # The directory ($UBLK_CACHE/kernels/<kernel release>, default ~/.cache/ublk) holds
 #   vmlinuz      the kernel
 #   modules.cpio.gz  the initramfs base: static busybox and the 9p modules, decompressed; the
 #                VM runner appends /init (test/vm/init.sh) at boot, so editing it needs no rebuild
 #   root/        the package's modules with a modules.dep (depmod), for modprobe inside the VM
-#   package      the Debian package name and version, for test output
+#   package      the Debian package name, version and suite, for test output:
+#                "linux-image-7.3.4+deb13-amd64 7.3.4-1~bpo13+1 (trixie-backports)"
 # Packages come through scripts/debian-fetch.sh's private apt configuration; nothing is
 # installed on the host. A prepared kernel is reused until the cache is removed.
 set -euo pipefail
@@ -20,34 +23,54 @@ here=$(cd "$(dirname "$0")" && pwd)
 cache=${UBLK_CACHE:-$HOME/.cache/ublk}
 spec=${1:?usage: vm-kernel.sh lts|newest|VERSION}
 
-for tool in busybox cpio depmod modprobe xz dpkg-deb; do
+for tool in busybox cpio depmod modprobe xz dpkg-deb flock; do
   command -v "$tool" >/dev/null || { echo "vm-kernel: $tool is missing: run npm run setup:vm" >&2; exit 1; }
 done
 [ -x /bin/busybox ] && file_bb=/bin/busybox || file_bb=$(command -v busybox)
 
-search() { "$here/debian-fetch.sh" "$1" --apt-cache search --names-only "$2" | cut -d' ' -f1 | sort -V | tail -n 1; }
+# collect SUITE REGEX: adds SUITE's kernel packages whose names match REGEX to $found, one
+# "UPSTREAM-VERSION PACKAGE SUITE" line each; pick prints the newest line (sort -V on the
+# upstream version, then on the name, so 7.3.4+deb14 beats 7.3.4+deb13).
+found=
+collect() {
+  local names name v
+  names=$("$here/debian-fetch.sh" "$1" --apt-cache search --names-only "$2" | cut -d' ' -f1)
+  for name in $names; do
+    v=${name#linux-image-}; v=${v%%[+-]*}
+    found+="$v $name $1"$'\n'
+  done
+}
+pick() { printf '%s' "$found" | sort -k1,1V -k2,2V | tail -n 1; }
 case $spec in
-  lts) suite=bookworm-security; pkg=$(search "$suite" '^linux-image-6\.12\.[0-9]+\+deb[0-9]+-amd64$') ;;
-  newest) suite=sid; pkg=$(search "$suite" '^linux-image-[0-9][0-9.]*\+deb[0-9]+-amd64$') ;;
+  lts) collect bookworm-security '^linux-image-6\.12\.[0-9]+\+deb[0-9]+-amd64$' ;;
+  newest)
+    for s in sid trixie-backports; do collect "$s" '^linux-image-[0-9][0-9.]*\+deb[0-9]+-amd64$'; done ;;
   [0-9]*)
     re="^linux-image-${spec//./\\.}(\\+deb[0-9]+)?-amd64\$"
-    suite=bookworm-security; pkg=$(search "$suite" "$re")
-    if [ -z "$pkg" ]; then suite=sid; pkg=$(search "$suite" "$re"); fi ;;
+    for s in bookworm-security sid trixie-backports; do collect "$s" "$re"; [ -z "$found" ] || break; done ;;
   *) echo "vm-kernel: unknown kernel '$spec' (lts, newest or a version like 6.12.117)" >&2; exit 2 ;;
 esac
-[ -n "$pkg" ] || { echo "vm-kernel: no Debian package found for kernel '$spec'" >&2; exit 1; }
+read -r _ pkg suite <<<"$(pick)" || true
+[ -n "${pkg:-}" ] || { echo "vm-kernel: no Debian package found for kernel '$spec'" >&2; exit 1; }
 release=${pkg#linux-image-}
 kdir=$cache/kernels/$release
 if [ -f "$kdir/ready" ]; then echo "$kdir"; exit 0; fi
+# One preparation per kernel at a time (parallel test runs): wait for the other, then reuse it.
+mkdir -p "$cache/kernels"
+exec 9>"$cache/kernels/.lock-$release"
+flock 9
+if [ -f "$kdir/ready" ]; then echo "$kdir"; exit 0; fi
 
-echo "vm-kernel: preparing $pkg from $suite" >&2
-work=$(mktemp -d "$cache/kernels/.work.XXXXXX" 2>/dev/null || { mkdir -p "$cache/kernels"; mktemp -d "$cache/kernels/.work.XXXXXX"; })
+echo "vm-kernel: preparing $pkg from $suite ($spec)" >&2
+work=$(mktemp -d "$cache/kernels/.work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 "$here/debian-fetch.sh" "$suite" "$work/debs" "$pkg" >/dev/null
 main=$(ls "$work"/debs/"$pkg"_*.deb)
 version=$(dpkg-deb -f "$main" Version)
-# sid splits the kernel into linux-binary-* (vmlinuz) and linux-modules-*; fetch what it names.
-extra=$(dpkg-deb -f "$main" Depends | tr ',' '\n' | sed -n "s/^ *\(linux-\(binary\|modules\)-$(printf '%s' "$release" | sed 's/[.]/\\&/g')\).*/\1/p" | sort -u)
+# Newer packages (sid's; trixie-backports' since 6.19) split the kernel into linux-binary-*
+# (vmlinuz), linux-modules-* and linux-base-* (modules.builtin, modules.order, config) and leave
+# the image package empty but for Depends: fetch the ones it names. Older ones hold it all.
+extra=$(dpkg-deb -f "$main" Depends | tr ',' '\n' | sed -n "s/^ *\(linux-\(binary\|modules\|base\)-$(printf '%s' "$release" | sed 's/[.]/\\&/g')\).*/\1/p" | sort -u)
 [ -z "$extra" ] || "$here/debian-fetch.sh" "$suite" "$work/debs" $extra >/dev/null
 mkdir -p "$work/root"
 for deb in "$work"/debs/*.deb; do dpkg-deb -x "$deb" "$work/root"; done
@@ -89,7 +112,7 @@ done
 (cd "$ird" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/modules.cpio.gz"
 
 cp "$vmlinuz" "$work/vmlinuz"
-echo "$pkg $version" >"$work/package"
+echo "$pkg $version ($suite)" >"$work/package"
 rm -rf "$work/debs" "$work/initramfs"
 touch "$work/ready"
 rm -rf "$kdir"
