@@ -7,9 +7,9 @@
  */
 import { Worker } from 'node:worker_threads';
 import { writeSync } from 'node:fs';
-import { abi, sys } from '../../src/uring/index.js';
+import { abi, sys, libc } from '../../src/uring/index.js';
 for (const [name, flags] of [['defer', abi.IORING_SETUP_SINGLE_ISSUER | abi.IORING_SETUP_DEFER_TASKRUN], ['coop', abi.IORING_SETUP_COOP_TASKRUN], ['plain', 0]] as const) {
-  const efd = sys.eventfd(0, abi.EFD_CLOEXEC | abi.EFD_NONBLOCK);
+  const efd = sys.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
   const boot = `import { register } from ${JSON.stringify(import.meta.resolve('tsx/esm/api'))}; register(); await import(${JSON.stringify(new URL('./worker.ts', import.meta.url).href)});`;
   const wk = new Worker(new URL('data:text/javascript,' + encodeURIComponent(boot)), { workerData: { efd, flags } });
   const one = Buffer.from([1,0,0,0,0,0,0,0]);

@@ -5,67 +5,13 @@
  * and the system's 6.1 headers by `test/uring/conformance.test.ts`, which compiles a C program
  * with gcc and compares every exported number below). A name that an older header lacks is a
  * feature that kernel cannot have; the comment after each says which kernel added it where that
- * matters for callers. Syscall numbers, mmap and open flags mirror glibc's `<sys/syscall.h>`,
- * `<sys/mman.h>`, `<fcntl.h>` and `<sys/eventfd.h>` for x86-64 and are checked the same way.
+ * matters for callers. Constants of libc and of other kernel headers (syscall numbers, mmap,
+ * open and poll flags, errno values) live one layer down, in src/libc/abi.ts.
  *
  * Naming rule: a constant keeps its C name exactly, so `grep` finds both sides. A struct is an
  * object named after the C struct; `SIZE` is `sizeof`, every other key is `offsetof` of the C
  * field of the same name (anonymous union members included). All offsets are in bytes.
  */
-
-// ---------------------------------------------------------------------------------------------
-// System calls (x86-64, <asm/unistd_64.h> via <sys/syscall.h>)
-// ---------------------------------------------------------------------------------------------
-export const SYS_io_uring_setup = 425;
-export const SYS_io_uring_enter = 426;
-export const SYS_io_uring_register = 427;
-export const SYS_gettid = 186;
-export const SYS_eventfd2 = 290;
-export const SYS_ioctl = 16;
-
-// <sys/mman.h>
-export const PROT_NONE = 0x0;
-export const PROT_READ = 0x1;
-export const PROT_WRITE = 0x2;
-export const MAP_SHARED = 0x01;
-export const MAP_PRIVATE = 0x02;
-export const MAP_ANONYMOUS = 0x20;
-export const MAP_NORESERVE = 0x4000;
-export const MAP_POPULATE = 0x8000;
-export const MADV_DONTNEED = 4;
-export const MADV_DONTFORK = 10;
-export const MADV_DOFORK = 11;
-
-// <fcntl.h>
-export const O_RDONLY = 0o0;
-export const O_WRONLY = 0o1;
-export const O_RDWR = 0o2;
-export const O_CREAT = 0o100;
-export const O_EXCL = 0o200;
-export const O_TRUNC = 0o1000;
-export const O_APPEND = 0o2000;
-export const O_NONBLOCK = 0o4000;
-export const O_DIRECT = 0o40000;
-export const O_CLOEXEC = 0o2000000;
-export const AT_FDCWD = -100;
-export const FALLOC_FL_KEEP_SIZE = 0x01;
-export const FALLOC_FL_PUNCH_HOLE = 0x02;
-export const FALLOC_FL_ZERO_RANGE = 0x10;
-
-// <sys/uio.h> (<linux/fs.h>): per-I/O flags in sqe->rw_flags for READ/WRITE (5.1)
-/** This write is durable (data, and metadata needed to read it) when it completes: pwritev2's O_DSYNC per call. */
-export const RWF_DSYNC = 0x02;
-
-// <sys/eventfd.h>
-export const EFD_SEMAPHORE = 1;
-export const EFD_CLOEXEC = 0o2000000;
-export const EFD_NONBLOCK = 0o4000;
-
-// <poll.h>
-export const POLLIN = 0x001;
-export const POLLOUT = 0x004;
-export const POLLERR = 0x008;
-export const POLLHUP = 0x010;
 
 // ---------------------------------------------------------------------------------------------
 // struct io_uring_sqe (64 bytes; 128 with IORING_SETUP_SQE128, the extra 64 extending `cmd`)

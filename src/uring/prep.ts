@@ -38,16 +38,29 @@ function hi32(v: number): number {
 }
 
 /**
+ * Stores a 64-bit field that spans words `i` (low) and `i + 1` (high) of `words`, from a number:
+ * exact for integers below 2^53 (every address and file offset), and -1 becomes all ones. The
+ * one helper for every u64 in SQEs and in the structs the kernel reads (no BigInt, no DataView).
+ */
+export function setU64(words: Uint32Array, i: number, value: number): void {
+  words[i] = value >>> 0; // ToUint32 keeps the low 32 bits of any integer below 2^53
+  words[i + 1] = hi32(value);
+}
+
+/** Reads the 64-bit field at words `i`, `i + 1` as a number (exact below 2^53). */
+export function getU64(words: Uint32Array, i: number): number {
+  return words[i]! + words[i + 1]! * 4294967296;
+}
+
+/**
  * The common read/write layout; liburing's `io_uring_prep_rw`. Writes all 16 words of the
  * 64-byte entry, so no stale field of a previous use of the slot survives.
  */
 export function prepRw(s: Uint32Array, w: number, op: number, fd: number, addr: number, len: number, off: number): void {
   s[w] = op; // flags = 0, ioprio = 0
   s[w + 1] = fd;
-  s[w + 2] = off >>> 0; // ToUint32 keeps the low 32 bits of any integer below 2^53
-  s[w + 3] = hi32(off);
-  s[w + 4] = addr >>> 0;
-  s[w + 5] = hi32(addr);
+  setU64(s, w + 2, off);
+  setU64(s, w + 4, addr);
   s[w + 6] = len;
   s[w + 7] = 0;
   s[w + 8] = 0;
@@ -62,8 +75,7 @@ export function prepRw(s: Uint32Array, w: number, op: number, fd: number, addr: 
 
 /** Sets the 64-bit user_data from a number below 2^53; `io_uring_sqe_set_data64`. */
 export function setUserData(s: Uint32Array, w: number, userData: number): void {
-  s[w + 8] = userData >>> 0;
-  s[w + 9] = hi32(userData);
+  setU64(s, w + 8, userData);
 }
 
 /** Sets user_data from two 32-bit halves (the full 64-bit space, no BigInt). */

@@ -12,17 +12,9 @@ import * as abi from '../../src/uring/abi.js';
 import { checkAbi, debianHeaderSet, systemHeaderSet } from '../helpers/cabi.js';
 
 await checkAbi(t, abi, {
-  // glibc only exposes O_DIRECT (and friends) to _GNU_SOURCE.
-  defines: ['_GNU_SOURCE'],
   includes: [
     '<linux/io_uring.h>',
     '<linux/time_types.h>',
-    '<sys/syscall.h>',
-    '<sys/mman.h>',
-    '<fcntl.h>',
-    '<linux/falloc.h>',
-    '<sys/eventfd.h>',
-    '<poll.h>',
     '<sys/uio.h>',
   ],
   headerSets: [

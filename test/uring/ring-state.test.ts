@@ -208,7 +208,7 @@ t.test('SQPOLL: the kernel thread sleeps when idle and submit wakes it', async (
   try {
     ring = new IoUring(8, { flags: abi.IORING_SETUP_SQPOLL, sqThreadIdle: 10 });
   } catch (e) {
-    t.skip(`SQPOLL refused: ${(e as Error).message}`);
+    t.skip(`SQPOLL refused: ${(e as Error).message}`, () => {});
     return;
   }
   t.teardown(() => ring.close());
@@ -219,4 +219,23 @@ t.test('SQPOLL: the kernel thread sleeps when idle and submit wakes it', async (
   setUserData(ring.sqes, w, 5);
   ring.submit();
   t.same(reap(ring, 1).map((c) => c.userData), [5], 'the wakeup enter got it processed');
+});
+
+t.test('submitAndWaitTimeout: false when nothing completes in time, true (and the CQE there) when one does', (t) => {
+  const ring = new IoUring(4);
+  t.teardown(() => ring.close());
+  const t0 = Date.now();
+  t.equal(ring.submitAndWaitTimeout(1, 150), false, 'an empty ring times out');
+  const waited = Date.now() - t0;
+  t.ok(waited >= 140, `after about the timeout (${waited} ms)`);
+  t.equal(ring.cqReady(), 0);
+  const w = ring.getSqe();
+  prepNop(ring.sqes, w);
+  setUserData(ring.sqes, w, 77);
+  t.equal(ring.submitAndWaitTimeout(1, 5000), true, 'a NOP it submits itself completes within it');
+  t.equal(ring.cqReady(), 1);
+  t.equal(ring.cqeUserData(ring.peekCqe()), 77);
+  ring.cqAdvance(1);
+  t.same(ring.sqState().pending, 0, 'nothing left unsubmitted');
+  t.end();
 });

@@ -4,10 +4,10 @@
  */
 import t from 'tap';
 import { Worker } from 'node:worker_threads';
-import { IoUring, Mapping, abi, errnoOf, sys } from '../../src/uring/index.js';
+import { IoUring, Mapping, abi, sys, libc } from '../../src/uring/index.js';
 
 t.test('a worker blocked in enter does not block the main event loop', async (t) => {
-  const efd = sys.eventfd(0, abi.EFD_CLOEXEC);
+  const efd = sys.eventfd(0, libc.EFD_CLOEXEC);
   const mainRing = new IoUring(4, { flags: abi.IORING_SETUP_SINGLE_ISSUER | abi.IORING_SETUP_DEFER_TASKRUN });
   const m = Mapping.anonymous(8);
   t.teardown(() => { sys.close(efd); mainRing.close(); m.unmap(); });
@@ -25,7 +25,7 @@ t.test('a worker blocked in enter does not block the main event loop', async (t)
   await new Promise<void>((resolve) => worker.on('message', (msg) => msg.kind === 'blocking' && resolve()));
   const blocking = messages[0]!;
   t.not(blocking.tid, sys.gettid(), 'the worker is its own kernel task');
-  t.equal(blocking.foreign, -errnoOf('EEXIST'), 'waiting on a DEFER_TASKRUN ring from a non-owner task is EEXIST');
+  t.equal(blocking.foreign, -libc.EEXIST, 'waiting on a DEFER_TASKRUN ring from a non-owner task is EEXIST');
 
   // The worker is (or is about to be) asleep in io_uring_enter. If that blocked this thread,
   // none of these timers would fire and the eventfd below would never be written: the test
@@ -40,6 +40,6 @@ t.test('a worker blocked in enter does not block the main event loop', async (t)
   m.view.setBigUint64(0, 1n, true);
   sys.write(efd, m.address, 8);
   await woke;
-  t.same(messages[1], { kind: 'woke', userData: 77, res: abi.POLLIN }, 'the worker woke with its poll completion');
+  t.same(messages[1], { kind: 'woke', userData: 77, res: libc.POLLIN }, 'the worker woke with its poll completion');
   await worker.terminate();
 });

@@ -164,32 +164,14 @@ export class Mapping {
 }
 
 /**
- * A simple bump allocator over one Mapping, for small kernel-visible structs that live as long
- * as their owner (iovec arrays, timespecs, register arguments). Not a general-purpose heap.
+ * Runs `fn` with a fresh zeroed mapping of `size` bytes and unmaps it afterwards: for arguments
+ * the kernel reads or fills only during one synchronous call (io_uring_register's, ioctl's).
  */
-export class Arena {
-  readonly mapping: Mapping;
-  private next = 0;
-  constructor(length: number) {
-    this.mapping = Mapping.anonymous(length);
-  }
-  /** Reserves `size` bytes aligned to `align`; returns the byte offset in the mapping. */
-  alloc(size: number, align = 8): number {
-    const off = Math.ceil(this.next / align) * align;
-    if (off + size > this.mapping.length) {
-      throw new RangeError(`arena of ${this.mapping.length} bytes cannot hold ${size} more`);
-    }
-    this.next = off + size;
-    return off;
-  }
-  /** Forgets every allocation (the memory stays mapped). */
-  reset(): void {
-    this.next = 0;
-  }
-  addressOf(offset: number): number {
-    return this.mapping.address + offset;
-  }
-  unmap(): void {
-    this.mapping.unmap();
+export function withScratch<T>(size: number, fn: (m: Mapping) => T): T {
+  const m = Mapping.anonymous(size);
+  try {
+    return fn(m);
+  } finally {
+    m.unmap();
   }
 }

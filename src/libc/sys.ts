@@ -15,6 +15,7 @@ import { writeSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import {
   SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register, SYS_gettid, SYS_eventfd2, SYS_ioctl,
+  SYS_fcntl, SYS_fstatfs, F_GETFL, F_SETFL, statfs,
 } from './abi.js';
 
 const libc = koffi.load('libc.so.6');
@@ -46,13 +47,6 @@ for (const [name, value] of Object.entries(osConstants.errno)) {
 /** The symbolic name of an errno value (`EINVAL`), or `E<number>` if Node does not know it. */
 export function errnoName(errno: number): string {
   return errnoNames.get(errno) ?? `E${errno}`;
-}
-
-/** The errno value of a symbolic name; throws on a name Node does not know. */
-export function errnoOf(name: string): number {
-  const v = (osConstants.errno as Record<string, number>)[name];
-  if (v === undefined) throw new Error(`unknown errno name ${name}`);
-  return v;
 }
 
 /**
@@ -187,6 +181,27 @@ export function eventfdSignal(fd: number): void {
  */
 export function ioctl(fd: number, request: number, arg: number, what = `0x${request.toString(16)}`): number {
   return check(syscall3(SYS_ioctl, fd, request, arg), () => `ioctl(fd=${fd}, ${what})`);
+}
+
+/** `fcntl(fd, F_GETFL)`: the file status flags (O_NONBLOCK, O_DIRECT, the access mode ...). */
+export function getFileFlags(fd: number): number {
+  return check(syscall3(SYS_fcntl, fd, F_GETFL, 0), () => `fcntl(fd=${fd}, F_GETFL)`);
+}
+
+/** `fcntl(fd, F_SETFL, flags)`: only O_APPEND, O_NONBLOCK, O_DIRECT, O_NOATIME and O_ASYNC change. */
+export function setFileFlags(fd: number, flags: number): void {
+  check(syscall3(SYS_fcntl, fd, F_SETFL, flags), () => `fcntl(fd=${fd}, F_SETFL, 0o${flags.toString(8)})`);
+}
+
+/**
+ * `fstatfs(2)`'s f_type: the magic number of the file system `fd` lives on (TMPFS_MAGIC, ...).
+ * Of an open fd, not a path, so the answer is about the file we hold. `scratch` is memory we
+ * mapped with room for a struct statfs (the kernel writes all of it).
+ */
+export function fstatfsType(fd: number, scratch: number): number {
+  check(syscall3(SYS_fstatfs, fd, scratch, 0), () => `fstatfs(fd=${fd})`);
+  const f = new DataView(koffi.view(scratch, statfs.SIZE) as ArrayBuffer);
+  return Number(f.getBigInt64(statfs.f_type, true));
 }
 
 /** The calling thread's kernel task id (differs per worker thread; equals the pid on the main thread). */
