@@ -528,11 +528,14 @@ export function opOf(opFlags: number): number {
   return opFlags & 0xff;
 }
 
-/** x86-64's page size; callers on other page sizes pass their own. Not exported: not a C name. */
-const PAGE_SIZE_4K = 4096;
-
 function roundUp(n: number, to: number): number {
   return Math.ceil(n / to) * to;
+}
+
+function checkPageSize(pageSize: number): void {
+  if (!Number.isInteger(pageSize) || pageSize < 4096 || (pageSize & (pageSize - 1)) !== 0) {
+    throw new RangeError(`the page size must be the kernel's (a power of two, at least 4096), got ${pageSize}`);
+  }
 }
 
 function checkIndex(what: string, value: number, limit: number): void {
@@ -549,8 +552,11 @@ function checkIndex(what: string, value: number, limit: number): void {
  * depth, to find the queue. Computing the stride from the device's own depth (the "obvious"
  * qid * descLength(depth)) works for queue 0 and silently maps the wrong queue's descriptors,
  * or fails, for every other one: a known multi-queue corruption bug in other ublk servers.
+ * `pageSize` is the running kernel's (PAGE_SIZE from src/libc): there is deliberately no
+ * default, because a 4 KiB guess on a 64 KiB-page kernel misplaces every queue but the first.
  */
-export function descOffset(qid: number, pageSize = PAGE_SIZE_4K): number {
+export function descOffset(qid: number, pageSize: number): number {
+  checkPageSize(pageSize);
   checkIndex('queue id', qid, UBLK_MAX_NR_QUEUES);
   return UBLKSRV_CMD_BUF_OFFSET + qid * roundUp(UBLK_MAX_QUEUE_DEPTH * ublksrv_io_desc.SIZE, pageSize);
 }
@@ -559,7 +565,8 @@ export function descOffset(qid: number, pageSize = PAGE_SIZE_4K): number {
  * mmap length of one queue's descriptor array: the kernel insists on exactly
  * round_up(depth * 24, PAGE_SIZE) for the device's depth (unlike the stride; see descOffset).
  */
-export function descLength(depth: number, pageSize = PAGE_SIZE_4K): number {
+export function descLength(depth: number, pageSize: number): number {
+  checkPageSize(pageSize);
   if (!Number.isInteger(depth) || depth < 1 || depth > UBLK_MAX_QUEUE_DEPTH) {
     throw new RangeError(`queue depth must be an integer in [1, ${UBLK_MAX_QUEUE_DEPTH}], got ${depth}`);
   }
