@@ -1,11 +1,11 @@
 /**
- * One ublk hardware queue, served by the thread that calls {@link runQueue} (a worker thread per
- * queue, see queue-worker.ts). The protocol, as `drivers/block/ublk_drv.c` wants it:
+ * One ublk hardware queue, served by the thread that calls {@link UblkQueue.run} (a worker thread
+ * per queue, see queue-thread.ts). The protocol, as `drivers/block/ublk_drv.c` wants it:
  *
  * 1. Open `/dev/ublkcN` and mmap this queue's descriptor array read-only: one 24-byte
  *    `struct ublksrv_io_desc` per tag, at offset qid * round_up(4096 * 24, PAGE_SIZE). The
- *    stride uses the maximum depth (UBLK_MAX_QUEUE_DEPTH), not the device's: using the real
- *    depth is the classic multi-queue corruption bug.
+ *    stride uses the maximum depth (UBLK_MAX_QUEUE_DEPTH) and the machine's real page size, not
+ *    the device's depth: getting either wrong is the classic multi-queue corruption bug.
  * 2. For every tag, a URING_CMD UBLK_U_IO_FETCH_REQ carrying `struct ublksrv_io_cmd` {q_id,
  *    tag, result, addr = this tag's I/O buffer}. The kernel completes it when a request for that
  *    tag arrives; START_DEV (on the main thread) waits until all of them are in.
@@ -14,11 +14,18 @@
  *    tag. Many commits and target I/Os go in one io_uring_enter.
  * 4. A command completing with UBLK_IO_RES_ABORT (-ENODEV) means the device is stopping (STOP_DEV,
  *    or the disk went away): that tag is finished. When every tag is finished and no target I/O
- *    is in flight, the queue closes its ring, unmaps and closes the char device, so DEL_DEV
- *    (which waits for the last reference) can complete.
+ *    is in flight, run() returns.
+ * 5. close() then makes sure nothing the kernel may still write to is freed (see close()).
  *
  * Commands for a tag must come from the task that fetched it (the kernel checks; per queue
  * before 6.16's PER_IO_DAEMON), which is why one thread owns the whole queue.
+ *
+ * The target's SQEs. A handler issues its own SQEs (ctx.getSqe, ctx.track). Every SQE issued
+ * while a request is being served (in `handle`, or in the CQE callback of one of that request's
+ * SQEs) belongs to that request, and the request is committed only when all of them have
+ * completed: its buffer is the memory they read and write, and the tag's next request reuses
+ * it. So a handler that throws with an SQE in flight gets its request failed (EIO) when that SQE
+ * completes, never before, and a late CQE can never act on the tag's next request.
  *
  * Data path modes. This file implements the default copy mode: the kernel copies WRITE data into
  * our buffer before the FETCH completes, and copies READ data out of it at COMMIT. The newer
@@ -34,25 +41,37 @@
  *   - PER_IO_DAEMON (6.16): tags may be served by different threads ([THREADING]).
  */
 import {
-  IoUring, Mapping, SysError, abi as ua, prepUringCmd, prepPollMultishot, setFlags, setUserData2, sys,
+  IoUring, prepCancel2, prepNop, prepPollMultishot, registerFiles, setUserData2, updateFiles, abi as uringAbi,
 } from '../uring/index.js';
+import { Mapping, PAGE_SIZE, SysError, libc, sys } from '../libc/index.js';
 import {
   UBLK_U_IO_FETCH_REQ, UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_U_IO_NEED_GET_DATA, UBLK_IO_RES_OK,
-  UBLK_IO_RES_NEED_GET_DATA, UBLK_IO_RES_ABORT, ublksrv_io_cmd, ublksrv_io_desc, descOffset,
-  descLength,
+  UBLK_IO_RES_NEED_GET_DATA, UBLK_IO_RES_ABORT, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_NAMES,
+  descOffset, descLength,
 } from './abi.js';
+import { prepIoCmd, readIoDesc, SECTOR_SIZE, type IoDesc } from './wire.js';
 import type { IoRequest, QueueContext, QueueHandler } from './target.js';
 
-/** user_data high word: what a CQE belongs to. The low word is the tag or the slot. */
-const KIND_CMD = 0; // a ublk FETCH/COMMIT_AND_FETCH for tag = lo
-const KIND_TARGET = 1; // a target SQE, callback slot = lo
-const KIND_WAKE = 2; // the wake eventfd's multishot poll
+/**
+ * user_data high word: what a CQE belongs to; the low word is the tag or the callback slot.
+ * None is 0, so an SQE a target prepared but never tracked (prep functions clear user_data)
+ * cannot pass for one of ours.
+ */
+const KIND_CMD = 1; // a ublk FETCH/COMMIT_AND_FETCH/NEED_GET_DATA for tag = lo
+const KIND_TARGET = 2; // a target SQE, callback slot = lo
+const KIND_WAKE = 3; // the wake eventfd's multishot poll
+const KIND_CANCEL = 4; // an ASYNC_CANCEL issued by close()
+const KIND_IGNORE = 5; // an SQE we turned into a NOP (prepared by a handler that then threw)
 
 /** Size of the ring's registered file table: slot 0 is /dev/ublkcN, the rest are the target's. */
 const FILE_SLOTS = 16;
+/** The char device's slot in that table. */
+const CHAR_DEV_SLOT = 0;
 
-export interface QueueOptions {
-  devId: number;
+/** How many problems of one kind a queue reports before it only counts them. */
+const LOG_LIMIT = 10;
+
+export interface UblkQueueOptions {
   /**
    * The open `/dev/ublkcN`. The driver allows one open at a time (a second open is EBUSY), so
    * the server opens it once and every queue thread uses the same descriptor; it is closed
@@ -61,10 +80,8 @@ export interface QueueOptions {
   charFd: number;
   qid: number;
   depth: number;
-  /** Bytes per tag buffer (the device's max_io_buf_bytes). */
-  maxIoBufBytes: number;
-  /** UBLK_F_* negotiated for the device. */
-  flags: number;
+  /** Bytes per tag buffer: the device's max_io_buf_bytes. */
+  maxIoBytes: number;
   handler: QueueHandler;
   /**
    * An eventfd the owner writes to wake this queue out of io_uring_enter (to stop it, or to
@@ -73,8 +90,47 @@ export interface QueueOptions {
   wakeFd?: number;
   /** Called when every tag has its FETCH outstanding (the owner may then START_DEV). */
   onFetched?: () => void;
-  /** Called after each wake-up; returns true to stop the queue (closing the ring cancels the commands). */
-  onWake?: (q: Queue) => boolean;
+  /** Called after each wake-up; returns true to stop the queue. */
+  onWake?: () => boolean;
+  /**
+   * How long close() waits for the target's I/O to finish (default 10 s). What has not finished
+   * by then keeps its memory mapped until the process exits.
+   */
+  drainTimeoutMs?: number;
+  /** Where the queue reports problems (default: stderr, one line each). */
+  log?: (line: string) => void;
+}
+
+/**
+ * What close() could prove about the memory the kernel may still use, and where the tag buffers
+ * are: close() does not unmap them, because ublk_drv copies a WRITE's data into them from task
+ * work that runs in this thread, and such work queued before the ring was closed can still run
+ * at this thread's next return to user space (ublk checks only that it runs in the thread that
+ * fetched the tag). Once the thread has exited nothing can, and the owner unmaps them then,
+ * with {@link releaseQueueBuffers}.
+ */
+export interface QueueCloseReport {
+  /** Every target SQE that named the buffers completed: they may be unmapped once the thread exited. */
+  drained: boolean;
+  /** Target SQEs still in flight when close() gave up waiting (0 if drained). */
+  inFlight: number;
+  /** Requests an outside party (an async target) still held when close() gave up waiting. */
+  held: number;
+  /** The tag buffers: their address and length. */
+  bufBase: number;
+  bufBytes: number;
+}
+
+/**
+ * Unmaps a closed queue's tag buffers, if its report says nothing can still write them. Call it
+ * only after the queue's thread has exited (see QueueCloseReport); a report that is not drained
+ * leaves them mapped until the process exits, so no later mapping can receive a late write.
+ * Returns whether it unmapped them.
+ */
+export function releaseQueueBuffers(report: QueueCloseReport): boolean {
+  if (!report.drained || report.bufBytes === 0) return false;
+  sys.munmap(report.bufBase, report.bufBytes);
+  return true;
 }
 
 /**
@@ -89,13 +145,20 @@ class TagRequest implements IoRequest {
   offset = 0;
   length = 0;
   private sized: Buffer | undefined;
+  private whole: Buffer | undefined;
 
-  constructor(readonly tag: number, readonly address: number, private readonly whole: Buffer) {}
+  constructor(readonly tag: number, readonly address: number, private readonly bufs: Mapping, private readonly maxIoBytes: number) {}
 
   get buffer(): Buffer {
+    this.whole ??= this.bufs.bytes(this.tag * this.maxIoBytes, this.maxIoBytes);
     const n = Math.min(this.length, this.whole.length);
     if (this.sized?.length !== n) this.sized = this.whole.subarray(0, n);
     return this.sized;
+  }
+
+  /** "READ 4096 bytes at 1048576", for messages. */
+  describe(): string {
+    return `${UBLK_IO_OP_NAMES[this.op] ?? `op ${this.op}`} of ${this.length} bytes at ${this.offset}`;
   }
 }
 
@@ -104,228 +167,495 @@ const enum TagState {
   InKernel,
   /** A request is being served by the target. */
   Serving,
-  /** Aborted: the device is going away. */
+  /** Finished: aborted (the device is going away), or given up while the queue closes. */
   Done,
 }
 
-export class Queue implements QueueContext {
+export class UblkQueue implements QueueContext {
   readonly ring: IoUring;
   readonly qid: number;
   readonly depth: number;
-  private readonly charFd: number;
   private readonly descs: Mapping;
   private readonly desc32: Uint32Array;
+  private readonly desc: IoDesc = { op: 0, flags: 0, nrSectors: 0, startSector: 0, addr: 0 };
   private readonly bufs: Mapping;
-  private readonly bufSize: number;
+  private readonly maxIoBytes: number;
   private readonly handler: QueueHandler;
+  private readonly opts: UblkQueueOptions;
+  private readonly log: (line: string) => void;
+
+  // Per tag.
   private readonly state: Uint8Array;
-  private readonly views: Buffer[] = [];
+  /** The request's target SQEs not yet completed. */
+  private readonly inFlight: Uint32Array;
+  /** The target threw while serving the request: it fails with EIO once its SQEs are done. */
+  private readonly failed: Uint8Array;
+  /** The target completed the request while its SQEs were in flight: committed when they finish. */
+  private readonly deferred: Uint8Array;
+  private readonly deferredResult: Int32Array;
   /** One request object per tag, refilled for each request the tag carries. */
   private readonly requests: TagRequest[] = [];
+
   private doneTags = 0;
-  /** Target CQE callbacks by slot; free slots are chained through `freeSlots`. */
+  /** Tags in the Serving state. */
+  private serving = 0;
+
+  // Target SQEs: CQE callbacks by slot, the tag each belongs to (-1: none), free slots.
   private readonly callbacks: Array<((res: number, flags: number) => void) | undefined> = [];
+  private readonly slotTag: number[] = [];
   private readonly freeSlots: number[] = [];
   private targetInFlight = 0;
-  private stopping = false;
-  private readonly opts: QueueOptions;
+  /** The tag whose handler or CQE callback is running, -1 outside of them. */
+  private currentTag = -1;
+  /** SQEs handed to the running handler or callback by getSqe and not yet tracked. */
+  private readonly handedOut: number[] = [];
+
+  private stopRequested = false;
+  private draining = false;
+  private closed = false;
   /** 8 bytes for draining the wake eventfd. */
   private readonly scratch = Mapping.anonymous(8);
-  private nextFileSlot = 1;
+  private nextFileSlot = CHAR_DEV_SLOT + 1;
+  private readonly problems = new Map<string, number>();
+
   /** Requests served since start (for stats and tests). */
   served = 0;
+  /** Times io_uring_enter said EAGAIN or EBUSY (back-pressure, retried). */
+  backPressure = 0;
 
-  constructor(opts: QueueOptions) {
+  constructor(opts: UblkQueueOptions) {
     this.opts = opts;
     this.qid = opts.qid;
     this.depth = opts.depth;
     this.handler = opts.handler;
-    this.bufSize = opts.maxIoBufBytes;
-    this.state = new Uint8Array(opts.depth);
-    this.charFd = opts.charFd;
-    const cleanup: Array<() => void> = [];
+    this.maxIoBytes = opts.maxIoBytes;
+    this.log = opts.log ?? ((line) => process.stderr.write(`${line}\n`));
+    const n = opts.depth;
+    this.state = new Uint8Array(n);
+    this.inFlight = new Uint32Array(n);
+    this.failed = new Uint8Array(n);
+    this.deferred = new Uint8Array(n);
+    this.deferredResult = new Int32Array(n);
+    const cleanup: Array<() => void> = [() => this.scratch.unmap()];
     try {
-      // [BUFFER] copy mode: one buffer per tag, lazily backed (pages appear when first touched).
-      this.descs = Mapping.file(this.charFd, descLength(opts.depth), descOffset(opts.qid), ua.PROT_READ, false);
+      // The kernel finds the queue from the offset with its own PAGE_SIZE: ours must be the same.
+      this.descs = Mapping.file(opts.charFd, descLength(n, PAGE_SIZE), descOffset(opts.qid, PAGE_SIZE), libc.PROT_READ, false);
       cleanup.push(() => this.descs.unmap());
       this.desc32 = this.descs.u32;
-      this.bufs = Mapping.anonymous(opts.depth * opts.maxIoBufBytes);
+      // [BUFFER] copy mode: one buffer per tag, backed as it is touched (NORESERVE: a deep queue
+      // of large requests reserves address space, not memory).
+      this.bufs = Mapping.anonymous(n * opts.maxIoBytes, { noReserve: true });
       cleanup.push(() => this.bufs.unmap());
       // Room for a command per tag plus target I/O; the CQ gets twice that.
       let entries = 1;
-      while (entries < opts.depth * 2) entries <<= 1;
+      while (entries < n * 2) entries <<= 1;
       this.ring = openQueueRing(Math.min(entries, 4096));
       cleanup.push(() => this.ring.close());
-      // The char device as fixed file 0: saves an fget per command (ublksrv does the same). The
+      // The char device as a fixed file: saves an fget per command (ublksrv does the same). The
       // other slots start empty, for the target's own files (registerFile).
-      this.ring.registerFiles([this.charFd, ...new Array<number>(FILE_SLOTS - 1).fill(-1)]);
+      registerFiles(this.ring, [opts.charFd, ...new Array<number>(FILE_SLOTS - 1).fill(-1)]);
     } catch (e) {
       for (const f of cleanup.reverse()) f();
       throw e;
     }
   }
 
-  /** Address of tag 0's I/O buffer; tag t's is at `bufferBase + t * maxIoBufBytes`. */
+  /** Address of tag 0's I/O buffer; tag t's is at `bufferBase + t * maxIoBytes`. */
   get bufferBase(): number {
     return this.bufs.address;
   }
 
-  /** The zero-copy Buffer over tag `tag`'s I/O buffer (made once, reused). */
-  private view(tag: number): Buffer {
-    return (this.views[tag] ??= this.bufs.bytes(tag * this.bufSize, this.bufSize));
-  }
+  // -------------------------------------------------------------------------------------------
+  // QueueContext: what a handler uses
+  // -------------------------------------------------------------------------------------------
 
-  /** Queues a FETCH_REQ or COMMIT_AND_FETCH_REQ for `tag`. */
-  private queueCmd(op: number, tag: number, result: number): void {
-    const w = this.getSqe();
-    const s = this.ring.sqes;
-    prepUringCmd(s, w, op, 0, this.ring.cmdWords);
-    setFlags(s, w, ua.IOSQE_FIXED_FILE);
-    const c = w + 12; // struct ublksrv_io_cmd at sqe->cmd
-    s[c + (ublksrv_io_cmd.q_id >> 2)] = this.qid | (tag << 16); // q_id (u16), tag (u16)
-    s[c + (ublksrv_io_cmd.result >> 2)] = result;
-    // [BUFFER] copy mode passes the tag's buffer; USER_COPY and zero copy pass 0 here.
-    const addr = this.bufs.address + tag * this.bufSize;
-    s[c + (ublksrv_io_cmd.addr >> 2)] = addr >>> 0;
-    s[c + (ublksrv_io_cmd.addr >> 2) + 1] = Math.floor(addr / 2 ** 32);
-    setUserData2(s, w, tag, KIND_CMD);
-    this.state[tag] = TagState.InKernel;
-  }
-
-  /** An SQE slot, submitting what is queued if the SQ is full. */
+  /**
+   * A free SQE for the target (a word index into `ring.sqes`), handing queued SQEs to the kernel
+   * first if the SQ is full. Prepare it and pass it to {@link track} before asking for another.
+   */
   getSqe(): number {
-    let w = this.ring.getSqe();
-    while (w < 0) {
-      this.ring.submit();
-      w = this.ring.getSqe();
-    }
+    const w = this.nextSqe();
+    if (this.currentTag >= 0) this.handedOut.push(w);
     return w;
   }
 
   track(w: number, onCqe: (res: number, flags: number) => void): void {
     const slot = this.freeSlots.pop() ?? this.callbacks.length;
     this.callbacks[slot] = onCqe;
+    this.slotTag[slot] = this.currentTag;
     this.targetInFlight++;
+    if (this.currentTag >= 0) {
+      this.inFlight[this.currentTag]!++;
+      const h = this.handedOut;
+      if (h[h.length - 1] === w) h.pop();
+      else if (h.includes(w)) h.splice(h.indexOf(w), 1);
+    }
     setUserData2(this.ring.sqes, w, slot, KIND_TARGET);
   }
 
   registerFile(fd: number): number {
     if (this.nextFileSlot >= FILE_SLOTS) throw new Error(`queue ${this.qid}: all ${FILE_SLOTS - 1} target file slots are taken`);
     const slot = this.nextFileSlot++;
-    this.ring.updateFiles(slot, [fd]);
+    updateFiles(this.ring, slot, [fd]);
     return slot;
   }
 
   complete(tag: number, result: number): void {
+    if (this.draining) {
+      // Closing: the request is not answered any more (the kernel fails it when the ring goes),
+      // only counted as no longer held; a late or repeated answer changes nothing.
+      if (this.state[tag] === TagState.Serving) this.giveUp(tag);
+      return;
+    }
     if (this.state[tag] !== TagState.Serving) throw new Error(`queue ${this.qid}: tag ${tag} completed twice or never fetched`);
+    // A request whose handler threw is failed by the queue; what the target says later is moot.
+    if (this.failed[tag]) return;
+    const res = this.checkResult(tag, result);
+    if (this.inFlight[tag]! > 0) {
+      this.deferred[tag] = 1;
+      this.deferredResult[tag] = res;
+      return;
+    }
+    this.commit(tag, res);
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Commands to the kernel
+  // -------------------------------------------------------------------------------------------
+
+  /** An SQE for the queue itself (never counted as the target's). */
+  private nextSqe(): number {
+    let w = this.ring.getSqe();
+    while (w < 0) {
+      this.enter(0);
+      w = this.ring.getSqe();
+    }
+    return w;
+  }
+
+  /** Queues a FETCH_REQ, COMMIT_AND_FETCH_REQ or NEED_GET_DATA for `tag`. */
+  private queueCmd(op: number, tag: number, result: number): void {
+    const w = this.nextSqe();
+    // [BUFFER] copy mode passes the tag's buffer; USER_COPY and zero copy pass 0 here.
+    prepIoCmd(this.ring.sqes, w, op, CHAR_DEV_SLOT, true, this.qid, tag, result, this.bufs.address + tag * this.maxIoBytes);
+    setUserData2(this.ring.sqes, w, tag, KIND_CMD);
+    this.state[tag] = TagState.InKernel;
+  }
+
+  /** Answers tag's request with `res` (already checked) and re-arms the tag. */
+  private commit(tag: number, res: number): void {
+    this.serving--;
+    this.deferred[tag] = 0;
     // [COMMIT] BATCH_IO would gather these into one COMMIT_IO_CMDS.
-    this.queueCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
+    this.queueCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, res);
     this.served++;
   }
 
+  /**
+   * The one place a target's answer is checked before the kernel sees it. ublk_drv trusts the
+   * result (__ublk_complete_rq), and what it does with a wrong one depends on the kernel: a READ
+   * or WRITE answered with 0 bytes is resent forever on 6.12 and 7.2 ("no progress"), while 7.3
+   * reports any WRITE result >= 0 as the whole write done; a partial count is resent on one and
+   * taken as complete on the other; a count larger than the request draws a kernel warning; a
+   * negative number that is no errno becomes an unknown block status. So a READ or WRITE must be
+   * answered with exactly its length or a negative errno; anything else becomes a clear EIO here,
+   * with a line in the log. FLUSH, DISCARD and WRITE_ZEROES succeed with any count (sent as 0).
+   */
+  private checkResult(tag: number, res: number): number {
+    const req = this.requests[tag]!;
+    let problem: string | undefined;
+    if (!Number.isInteger(res) || res > 0x7fffffff) problem = `${String(res)}, which is not a result`;
+    else if (res < 0) {
+      if (libc.isNegErrno(res)) return res;
+      problem = `${res}, which is not a negative errno`;
+    } else if (req.op === UBLK_IO_OP_READ || req.op === UBLK_IO_OP_WRITE) {
+      if (res === req.length) return res;
+      if (res === 0) problem = '0 bytes (6.12 resends such a request forever, 7.3 reports a WRITE as done)';
+      else if (res > req.length) problem = `${res} bytes, more than it asked for`;
+      // Kernels disagree on a partial count: 6.12 resends the rest, 7.3 reports a WRITE whole.
+      // Only "all of it" means the same everywhere; a target finishes short transfers itself.
+      else problem = `${res} bytes, short of the request (a target must finish a short transfer or fail it)`;
+    } else {
+      // FLUSH, DISCARD, WRITE_ZEROES: done is done; a byte count means nothing to the kernel here.
+      return 0;
+    }
+    this.report('result', `ublk queue ${this.qid}: the target answered tag ${tag}'s ${req.describe()} with ${problem}: failing it with EIO`);
+    return -libc.EIO;
+  }
+
+  /** The target threw while serving `tag` (in `handle` or in one of the request's CQE callbacks). */
+  private targetThrew(tag: number, e: unknown): void {
+    const req = this.requests[tag]!;
+    this.report('throw', `ublk queue ${this.qid}: the target threw on tag ${tag} (${req.describe()}): ${(e as Error)?.stack ?? String(e)}`);
+    // SQEs it took but never tracked may be half written: make them harmless NOPs.
+    for (const w of this.handedOut) {
+      prepNop(this.ring.sqes, w);
+      setUserData2(this.ring.sqes, w, 0, KIND_IGNORE);
+    }
+    this.handedOut.length = 0;
+    if (this.state[tag] !== TagState.Serving || this.failed[tag]) return; // already answered
+    this.failed[tag] = 1;
+    this.deferred[tag] = 0;
+    if (this.inFlight[tag] === 0) this.finish(tag, -libc.EIO);
+  }
+
+  /** Ends a request that failed or was completed while SQEs were in flight: commit, or give up when closing. */
+  private finish(tag: number, res: number): void {
+    if (this.draining) this.giveUp(tag);
+    else this.commit(tag, res);
+  }
+
+  /** While closing: a request we no longer answer (the kernel fails it when the ring goes away). */
+  private giveUp(tag: number): void {
+    if (this.state[tag] === TagState.Serving) this.serving--;
+    if (this.state[tag] !== TagState.Done) this.doneTags++;
+    this.state[tag] = TagState.Done;
+  }
+
+  private report(kind: string, line: string): void {
+    const n = (this.problems.get(kind) ?? 0) + 1;
+    this.problems.set(kind, n);
+    if (n <= LOG_LIMIT) this.log(n === LOG_LIMIT ? `${line} (further ones are only counted)` : line);
+  }
+
+  /**
+   * Submits what is queued and waits for `waitNr` completions. EAGAIN (the kernel could not
+   * allocate requests) and EBUSY (its completion backlog is full) are back-pressure, not
+   * failures: the SQEs stay in the ring for the next enter, so reap what is there, or pause
+   * a millisecond if nothing is, and go on.
+   */
+  private enter(waitNr: number): void {
+    try {
+      this.ring.submit(waitNr);
+    } catch (e) {
+      if (!(e instanceof SysError && (e.errno === libc.EAGAIN || e.errno === libc.EBUSY))) throw e;
+      this.backPressure++;
+      if (this.ring.cqReady() === 0) Atomics.wait(pauseWord, 0, 0, 1);
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Serving
+  // -------------------------------------------------------------------------------------------
+
   /** Reads tag's descriptor and hands the request to the target. */
   private dispatch(tag: number): void {
+    const d = readIoDesc(this.desc32, tag, this.desc);
+    const req = (this.requests[tag] ??= new TagRequest(tag, this.bufs.address + tag * this.maxIoBytes, this.bufs, this.maxIoBytes));
+    req.op = d.op;
+    req.flags = d.flags;
+    req.offset = d.startSector * SECTOR_SIZE;
+    req.length = d.nrSectors * SECTOR_SIZE;
     this.state[tag] = TagState.Serving;
-    const d = this.desc32;
-    const i = tag * (ublksrv_io_desc.SIZE >> 2);
-    const opFlags = d[i + (ublksrv_io_desc.op_flags >> 2)]!;
-    const sectors = d[i + (ublksrv_io_desc.nr_sectors >> 2)]!;
-    const start = d[i + (ublksrv_io_desc.start_sector >> 2)]! + d[i + (ublksrv_io_desc.start_sector >> 2) + 1]! * 2 ** 32;
-    const req = (this.requests[tag] ??= new TagRequest(tag, this.bufs.address + tag * this.bufSize, this.view(tag)));
-    req.op = opFlags & 0xff;
-    req.flags = opFlags & ~0xff;
-    req.offset = start * 512;
-    req.length = sectors * 512;
+    this.serving++;
+    this.failed[tag] = 0;
+    this.deferred[tag] = 0;
+    this.currentTag = tag;
     let result: number | undefined;
     try {
       result = this.handler.handle(req, this);
     } catch (e) {
-      process.stderr.write(`ublk queue ${this.qid}: target threw on tag ${tag}: ${(e as Error).stack ?? e}\n`);
-      result = -5; // EIO
+      this.targetThrew(tag, e);
+      return;
+    } finally {
+      this.currentTag = -1;
+      this.handedOut.length = 0;
     }
     if (result !== undefined) this.complete(tag, result);
   }
 
+  /** A target SQE's CQE: run its callback as part of its request, then commit the request if it waited for it. */
+  private targetCqe(slot: number, res: number, flags: number): void {
+    const cb = this.callbacks[slot]!;
+    const tag = this.slotTag[slot]!;
+    this.callbacks[slot] = undefined;
+    this.freeSlots.push(slot);
+    this.targetInFlight--;
+    if (tag < 0) {
+      // Issued outside any request (afterBatch, onWake): nothing to attribute it to.
+      if (!this.draining) cb(res, flags);
+      return;
+    }
+    this.inFlight[tag]!--;
+    if (this.draining || this.failed[tag]) {
+      // No callback: the request is being failed, or the queue is closing. Once its last SQE is
+      // done, a failed request is answered; while closing, a request of a target that can only
+      // act from its callbacks is given up (one that completes from elsewhere, an async target,
+      // still may, through the wake eventfd).
+      if (this.inFlight[tag] === 0 && this.state[tag] === TagState.Serving
+        && (this.failed[tag] || this.deferred[tag] || this.handler.onWake === undefined)) {
+        this.finish(tag, -libc.EIO);
+      }
+      return;
+    }
+    this.currentTag = tag;
+    try {
+      cb(res, flags);
+    } catch (e) {
+      this.targetThrew(tag, e);
+    } finally {
+      this.currentTag = -1;
+      this.handedOut.length = 0;
+    }
+    if (this.deferred[tag] && this.inFlight[tag] === 0 && this.state[tag] === TagState.Serving && !this.failed[tag]) {
+      this.commit(tag, this.deferredResult[tag]!);
+    }
+  }
+
+  private cmdCqe(tag: number, res: number): void {
+    if (res === UBLK_IO_RES_OK) {
+      if (this.draining) this.giveUp(tag);
+      else this.dispatch(tag);
+    } else if (res === UBLK_IO_RES_ABORT) {
+      this.giveUp(tag);
+    } else if (res === UBLK_IO_RES_NEED_GET_DATA && !this.draining) {
+      // [NEED_GET_DATA] not requested by this engine's devices; answered for completeness.
+      this.queueCmd(UBLK_U_IO_NEED_GET_DATA, tag, 0);
+    } else {
+      // A command the kernel refused (e.g. -EINVAL): the tag cannot be re-armed.
+      if (!this.draining) this.report('cmd', `ublk queue ${this.qid}: the kernel refused a command for tag ${tag}: ${res}`);
+      this.giveUp(tag);
+    }
+  }
+
+  private wakeCqe(flags: number): void {
+    try {
+      sys.read(this.opts.wakeFd!, this.scratch.address, 8);
+    } catch {
+      // EAGAIN: another CQE of this multishot poll already drained it.
+    }
+    this.handler.onWake?.(this);
+    if (this.opts.onWake?.()) this.stopRequested = true;
+    // A multishot poll that ends (no F_MORE: cancelled, or the kernel gave up on it) is re-armed.
+    if (!(flags & uringAbi.IORING_CQE_F_MORE) && !this.closed) this.armWake();
+  }
+
+  private armWake(): void {
+    const w = this.nextSqe();
+    prepPollMultishot(this.ring.sqes, w, this.opts.wakeFd!, libc.POLLIN);
+    setUserData2(this.ring.sqes, w, 0, KIND_WAKE);
+  }
+
+  /** Handles every CQE posted so far; returns how many. */
+  private reap(): number {
+    const ring = this.ring;
+    const cq = ring.cq;
+    const ready = ring.cqReady();
+    for (let i = 0; i < ready; i++) {
+      const c = ring.cqeAt(i);
+      const lo = cq[c]!;
+      const kind = cq[c + 1]!;
+      const res = cq[c + 2]! | 0;
+      if (kind === KIND_CMD) this.cmdCqe(lo, res);
+      else if (kind === KIND_TARGET) this.targetCqe(lo, res, cq[c + 3]!);
+      else if (kind === KIND_WAKE) this.wakeCqe(cq[c + 3]!);
+      else if (kind !== KIND_CANCEL && kind !== KIND_IGNORE) {
+        this.report('stray', `ublk queue ${this.qid}: a CQE nobody tracked (user_data ${kind}:${lo}, res ${res}): an SQE a target never passed to track()`);
+      }
+    }
+    ring.cqAdvance(ready);
+    return ready;
+  }
+
   /**
-   * Serves until the device stops. Returns the number of requests served.
+   * Serves until the device stops (every tag aborted and no target I/O in flight) or the owner
+   * asks it to stop (onWake). Returns the number of requests served. Whatever way it ends,
+   * normally or by an exception, call close() afterwards.
    * [FETCH] BATCH_IO's PREP_IO_CMDS/FETCH_IO_CMDS would replace the per-tag loop below.
    */
   run(): number {
-    const ring = this.ring;
     this.handler.start?.(this);
     for (let tag = 0; tag < this.depth; tag++) this.queueCmd(UBLK_U_IO_FETCH_REQ, tag, -1);
-    if (this.opts.wakeFd !== undefined) {
-      const w = this.getSqe();
-      prepPollMultishot(ring.sqes, w, this.opts.wakeFd, ua.POLLIN);
-      setUserData2(ring.sqes, w, 0, KIND_WAKE);
-    }
-    ring.submit();
+    if (this.opts.wakeFd !== undefined) this.armWake();
+    this.enter(0);
+    // Every FETCH must be in the kernel before START_DEV; back-pressure may have left some queued.
+    while (this.ring.sqReady() > 0) this.enter(0);
     this.opts.onFetched?.();
 
-    const cq = ring.cq;
-    while (this.doneTags < this.depth || this.targetInFlight > 0) {
-      if (this.stopping) break;
-      ring.submit(1);
-      const ready = ring.cqReady();
-      for (let i = 0; i < ready; i++) {
-        const c = ring.cqeAt(i);
-        const lo = cq[c]!;
-        const kind = cq[c + 1]!;
-        const res = cq[c + 2]! | 0;
-        if (kind === KIND_CMD) {
-          if (res === UBLK_IO_RES_OK) {
-            this.dispatch(lo);
-          } else if (res === UBLK_IO_RES_ABORT) {
-            if (this.state[lo] !== TagState.Done) {
-              this.state[lo] = TagState.Done;
-              this.doneTags++;
-            }
-          } else if (res === UBLK_IO_RES_NEED_GET_DATA) {
-            // [NEED_GET_DATA] not requested by this engine's devices; answered for completeness.
-            this.queueCmd(UBLK_U_IO_NEED_GET_DATA, lo, 0);
-          } else {
-            // A command the kernel refused (e.g. -EINVAL): the tag cannot be re-armed.
-            process.stderr.write(`ublk queue ${this.qid}: command for tag ${lo} failed: ${res}\n`);
-            this.state[lo] = TagState.Done;
-            this.doneTags++;
-          }
-        } else if (kind === KIND_TARGET) {
-          const cb = this.callbacks[lo]!;
-          this.callbacks[lo] = undefined;
-          this.freeSlots.push(lo);
-          this.targetInFlight--;
-          cb(res, cq[c + 3]!);
-        } else if (kind === KIND_WAKE) {
-          try {
-            sys.read(this.opts.wakeFd!, this.scratch.address, 8);
-          } catch {
-            // EAGAIN: another CQE of this multishot poll already drained it.
-          }
-          this.handler.onWake?.(this);
-          if (this.opts.onWake?.(this)) this.stopping = true;
-        }
-      }
-      ring.cqAdvance(ready);
+    while ((this.doneTags < this.depth || this.targetInFlight > 0) && !this.stopRequested) {
+      this.enter(1);
+      this.reap();
       this.handler.afterBatch?.(this);
     }
     return this.served;
   }
 
   /**
-   * Releases the queue's references to the char device (its mmap, the ring's registered file);
-   * the server closes the fd itself, and then DEL_DEV can finish.
+   * Waits, for at most `timeoutMs`, until no SQE of the target is in flight and (for targets that
+   * complete from elsewhere, through the wake eventfd) no request is held by the target. In-flight
+   * target SQEs are cancelled first. CQE callbacks are not run any more: requests are given up,
+   * and the kernel fails them when the ring closes. Returns true if everything finished.
    */
-  close(): void {
+  private drain(timeoutMs: number): boolean {
+    this.draining = true;
+    const busy = () => this.targetInFlight > 0 || (this.handler.onWake !== undefined && this.serving > 0);
+    if (!busy()) return true;
     try {
-      this.handler.close?.();
-    } finally {
-      this.ring.close();
-      this.scratch.unmap();
-      this.bufs.unmap();
-      this.descs.unmap();
+      // Cancel by user_data, slot by slot: IORING_ASYNC_CANCEL_ANY would also end the wake poll,
+      // through which an async target's last completions still arrive.
+      for (let slot = 0; slot < this.callbacks.length; slot++) {
+        if (this.callbacks[slot] === undefined) continue;
+        const w = this.nextSqe();
+        prepCancel2(this.ring.sqes, w, slot, KIND_TARGET, 0);
+        setUserData2(this.ring.sqes, w, slot, KIND_CANCEL);
+      }
+      const until = Date.now() + timeoutMs;
+      while (busy()) {
+        const left = until - Date.now();
+        if (left <= 0) return false;
+        try {
+          this.ring.submitAndWaitTimeout(1, Math.min(left, 100));
+        } catch (e) {
+          if (!(e instanceof SysError && (e.errno === libc.EAGAIN || e.errno === libc.EBUSY))) throw e;
+          Atomics.wait(pauseWord, 0, 0, 1);
+        }
+        this.reap();
+      }
+      return true;
+    } catch (e) {
+      this.log(`ublk queue ${this.qid}: waiting for the target's I/O failed: ${(e as Error).message}`);
+      return false;
     }
   }
+
+  /**
+   * Releases what the queue holds, but never memory the kernel may still write. Target SQEs are
+   * cancelled and reaped first (closing the ring would not wait for them, see IoUring.close),
+   * for at most drainTimeoutMs; then the ring is closed and the descriptor array unmapped. The
+   * tag buffers are left to the owner, to unmap after this thread exited (QueueCloseReport says
+   * why and whether they may be). The char device's fd stays open (the server closes it); after
+   * this the queue holds no reference to it.
+   */
+  close(): QueueCloseReport {
+    if (this.closed) throw new Error(`queue ${this.qid} closed twice`);
+    const timeoutMs = this.opts.drainTimeoutMs ?? 10_000;
+    const drained = this.drain(timeoutMs);
+    this.closed = true;
+    const report: QueueCloseReport = {
+      drained,
+      inFlight: this.targetInFlight,
+      held: this.handler.onWake !== undefined ? this.serving : 0,
+      bufBase: this.bufs.address,
+      bufBytes: this.bufs.length,
+    };
+    if (!drained) {
+      this.log(`ublk queue ${this.qid}: ${report.inFlight} target I/O(s) and ${report.held} held request(s) did not finish within ${timeoutMs} ms; their ${report.bufBytes} bytes of buffers stay mapped until the process exits`);
+    }
+    try {
+      this.handler.close?.();
+    } catch (e) {
+      this.log(`ublk queue ${this.qid}: the target's close() threw: ${(e as Error)?.stack ?? String(e)}`);
+    } finally {
+      this.ring.close();
+      this.descs.unmap();
+      this.scratch.unmap();
+    }
+    return report;
+  }
 }
+
+/** A word nobody notifies: Atomics.wait on it is a plain sleep. */
+const pauseWord = new Int32Array(new SharedArrayBuffer(4));
 
 /**
  * The queue's ring: SINGLE_ISSUER|DEFER_TASKRUN where the kernel has them (6.1), so ublk's
@@ -333,9 +663,9 @@ export class Queue implements QueueContext {
  */
 function openQueueRing(entries: number): IoUring {
   try {
-    return new IoUring(entries, { flags: ua.IORING_SETUP_SINGLE_ISSUER | ua.IORING_SETUP_DEFER_TASKRUN });
+    return new IoUring(entries, { flags: uringAbi.IORING_SETUP_SINGLE_ISSUER | uringAbi.IORING_SETUP_DEFER_TASKRUN });
   } catch (e) {
     if (!(e instanceof SysError && e.code === 'EINVAL')) throw e;
-    return new IoUring(entries, { flags: ua.IORING_SETUP_COOP_TASKRUN });
+    return new IoUring(entries, { flags: uringAbi.IORING_SETUP_COOP_TASKRUN });
   }
 }

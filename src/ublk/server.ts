@@ -1,35 +1,41 @@
 /**
- * A running ublk device: the control-plane sequence around the queue workers.
+ * A running ublk device: the control-plane sequence around the queue threads.
  *
- *   ADD_DEV -> SET_PARAMS -> start one worker per queue -> each arms every tag (FETCH_REQ)
+ *   ADD_DEV -> SET_PARAMS -> start one thread per queue -> each arms every tag (FETCH_REQ)
  *   -> START_DEV (the disk /dev/ublkbN appears) -> serve ... -> STOP_DEV (the kernel aborts the
- *   fetches, the workers release everything) -> DEL_DEV.
+ *   fetches, the queues release everything) -> DEL_DEV.
  *
- * Anything that fails on the way up unwinds what was done, so no half-created device stays
- * behind. The main thread never blocks on the queues: it waits for worker messages on its event
- * loop, which stays free for targets that run there.
+ * Anything that fails or is interrupted (an AbortSignal) on the way up unwinds what was done, so
+ * no half-created device stays behind. The main thread never blocks on the queues: it waits for
+ * their messages on its event loop, which stays free for targets that run there.
  */
 import type { Worker } from 'node:worker_threads';
-import { SysError, abi as ua, sys } from '../uring/index.js';
-import { UblkControl, UblkError, type DevInfo, type DevParams } from './control.js';
-import {
-  UBLK_PARAM_TYPE_BASIC, UBLK_PARAM_TYPE_DISCARD, UBLK_ATTR_READ_ONLY, UBLK_ATTR_ROTATIONAL,
-  UBLK_ATTR_VOLATILE_CACHE, UBLK_ATTR_FUA, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES,
-} from './abi.js';
+import { SysError, libc, sys } from '../libc/index.js';
+import { UblkControl, UblkError, type DevInfo } from './control.js';
+import { UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES } from './abi.js';
+import { paramsFor, specProblem } from './params.js';
+import { ANY_DEV_ID } from './wire.js';
 import type { DeviceSpec, TargetDefinition } from './target.js';
-import { AsyncQueuePort, type AsyncTarget } from './async-target.js';
-import { completionRingBytes } from './async-bridge.js';
+import { AsyncQueuePort, type AsyncTarget } from './async-main-thread.js';
+import { CompletionRing } from './async-completion-ring.js';
+import type { AsyncBatch } from './async-queue-thread.js';
 import { siblingUrl, startWorker } from './workers.js';
-import type { QueueWorkerData } from './queue-worker.js';
+import { releaseQueueBuffers, type QueueCloseReport } from './queue.js';
+import type { QueueMessage, QueueThreadData } from './queue-thread.js';
+
+/** The largest device id ublk_drv hands out: ids are minor numbers (UBLK_MINORS = 1 << MINORBITS). */
+export const UBLK_MAX_DEV_ID = (1 << 20) - 1;
+/** Requests are at most this large unless the target or the caller says otherwise. */
+export const DEFAULT_MAX_IO_BYTES = 512 * 1024;
 
 export interface ServerOptions<O> {
-  /** A ring-native target: its definition and the URL of the module that exports it (workers import it). */
+  /** A ring-native target: its definition and the URL of the module that exports it (queue threads import it). */
   target?: TargetDefinition<O>;
   targetUrl?: string;
   targetOptions?: O;
-  /** Or a target written as async functions, run on this thread's event loop (async-target.ts). */
+  /** Or a target written as async functions, run on this thread's event loop (async-main-thread.ts). */
   asyncTarget?: AsyncTarget;
-  /** Device id, or -1 / undefined to let the kernel pick. */
+  /** Device id; undefined lets the kernel pick. */
   devId?: number;
   queues?: number;
   depth?: number;
@@ -37,58 +43,32 @@ export interface ServerOptions<O> {
   maxIoBytes?: number;
   /** UBLK_F_* to ask for (checked against GET_FEATURES). */
   flags?: number;
+  /**
+   * Aborting it while start() runs unwinds everything start() did (the device is deleted) and
+   * rejects with an UblkError whose code is 'ABORTED'. START_DEV itself cannot be interrupted:
+   * an abort during it takes effect when it returns.
+   */
+  signal?: AbortSignal;
+  /** Called right after ADD_DEV with the device's info (its id), before anything can fail later. */
+  onAdded?: (info: DevInfo) => void;
+  /** How long a stopping queue waits for its target's I/O before keeping its buffers (default 10 s). */
+  drainTimeoutMs?: number;
 }
 
-/** Parameters for SET_PARAMS from a target's device spec. */
-export function paramsFor(spec: DeviceSpec, maxIoBytes: number): DevParams {
-  const lbs = spec.logicalBlockSize ?? 512;
-  const pbs = spec.physicalBlockSize ?? lbs;
-  const shift = (n: number, what: string) => {
-    const s = Math.log2(n);
-    if (!Number.isInteger(s) || s < 9 || s > 16) throw new UblkError(`${what} must be a power of two from 512 to 65536, got ${n}`);
-    return s;
-  };
-  if (spec.sizeBytes <= 0 || spec.sizeBytes % lbs !== 0) {
-    throw new UblkError(`device size ${spec.sizeBytes} must be a positive multiple of the block size ${lbs}`);
-  }
-  const attrs = (spec.readOnly ? UBLK_ATTR_READ_ONLY : 0) | (spec.rotational ? UBLK_ATTR_ROTATIONAL : 0)
-    | (spec.volatileCache ? UBLK_ATTR_VOLATILE_CACHE : 0) | (spec.fua ? UBLK_ATTR_FUA : 0);
-  const p: DevParams = {
-    types: UBLK_PARAM_TYPE_BASIC,
-    basic: {
-      attrs,
-      logicalBsShift: shift(lbs, 'logical block size'),
-      physicalBsShift: shift(pbs, 'physical block size'),
-      ioOptShift: shift(pbs, 'physical block size'),
-      ioMinShift: shift(pbs, 'physical block size'),
-      maxSectors: maxIoBytes / 512,
-      chunkSectors: 0,
-      devSectors: spec.sizeBytes / 512, // always 512-byte units, even on 4Kn devices
-      virtBoundaryMask: 0,
-    },
-  };
-  if (spec.discard) {
-    p.types |= UBLK_PARAM_TYPE_DISCARD;
-    // Kernels before 6.11 truncate these u32 sector counts silently if they overflow.
-    const cap = (bytes: number) => Math.min(Math.floor(bytes / 512), 0xffffffff >>> 9);
-    p.discard = {
-      discardAlignment: 0,
-      discardGranularity: spec.discard.granularity,
-      maxDiscardSectors: cap(spec.discard.maxBytes),
-      maxWriteZeroesSectors: cap(spec.discard.maxWriteZeroesBytes),
-      maxDiscardSegments: 1,
-    };
-  }
-  return p;
-}
-
-interface QueueWorker {
+interface QueueThread {
+  qid: number;
   worker: Worker;
   port?: AsyncQueuePort;
   wakeFd: number;
   control: Int32Array;
   fetched: Promise<void>;
-  done: Promise<number>;
+  /**
+   * Resolves when the thread ended, with its 'done' report if it sent one; by then its port is
+   * closed and its tag buffers are unmapped, if the report allowed it.
+   */
+  done: Promise<Extract<QueueMessage, { kind: 'done' }> | undefined>;
+  /** The same moment, without the report (for waiting). */
+  exited: Promise<void>;
   counters: Float64Array;
 }
 
@@ -96,22 +76,37 @@ export class UblkServer {
   readonly info: DevInfo;
   readonly spec: DeviceSpec;
   private readonly ctrl: UblkControl;
-  private readonly queues: QueueWorker[];
-  /** Resolves when every queue has finished (the device was stopped, by us or by `ublk del`). */
+  private readonly queues: QueueThread[];
+  /**
+   * Resolves with the number of requests served once every queue has finished (the device was
+   * stopped, by us or by `ublk del`); rejects as soon as one queue fails.
+   */
   readonly finished: Promise<number>;
   private stopping: Promise<void> | undefined;
-
   private readonly charFd: number;
   private readonly counterNames: readonly string[];
 
-  private constructor(ctrl: UblkControl, info: DevInfo, spec: DeviceSpec, charFd: number, queues: QueueWorker[], counterNames: readonly string[]) {
+  private constructor(ctrl: UblkControl, info: DevInfo, spec: DeviceSpec, charFd: number, queues: QueueThread[], counterNames: readonly string[]) {
     this.ctrl = ctrl;
     this.counterNames = counterNames;
     this.charFd = charFd;
     this.info = info;
     this.spec = spec;
     this.queues = queues;
-    this.finished = Promise.all(queues.map((q) => q.done)).then((n) => n.reduce((a, b) => a + b, 0));
+    // A queue that ends with an error fails the device at once, even while the others serve:
+    // I/O the kernel routes to the dead queue would otherwise hang until someone stops it.
+    this.finished = new Promise<number>((resolve, reject) => {
+      let left = queues.length;
+      let served = 0;
+      for (const q of queues) {
+        void q.done.then((r) => {
+          if (!r || r.error) reject(new UblkError(`queue ${q.qid}: ${r?.error ?? 'the thread ended without a report'}`));
+          served += r?.served ?? 0;
+          if (--left === 0) resolve(served);
+        });
+      }
+    });
+    this.finished.catch(() => { /* observed by whoever awaits it */ });
   }
 
   get devId(): number {
@@ -137,87 +132,142 @@ export class UblkServer {
     if (!Number.isInteger(depth) || depth < 1 || depth > UBLK_MAX_QUEUE_DEPTH) {
       throw new UblkError(`queue depth must be from 1 to ${UBLK_MAX_QUEUE_DEPTH}, got ${depth}`);
     }
-    const spec: DeviceSpec = opts.asyncTarget ?? opts.target!.prepare(opts.targetOptions as O);
-    const targetUrl = opts.asyncTarget ? siblingUrl(import.meta.url, 'async-bridge').href : opts.targetUrl!;
-    const maxIoBytes = opts.maxIoBytes ?? spec.maxIoBytes ?? 512 * 1024;
-    if (maxIoBytes < 4096 || maxIoBytes > 32 * 1024 * 1024 || (maxIoBytes & (maxIoBytes - 1)) !== 0) {
-      throw new UblkError(`max I/O size must be a power of two from 4096 to 32 MiB (the kernel's buffer field has 25 bits), got ${maxIoBytes}`);
+    if (opts.devId !== undefined && (!Number.isInteger(opts.devId) || opts.devId < 0 || opts.devId > UBLK_MAX_DEV_ID)) {
+      throw new UblkError(`device id must be from 0 to ${UBLK_MAX_DEV_ID}, got ${opts.devId}`);
     }
+    const signal = opts.signal;
+    const checkAbort = () => {
+      if (signal?.aborted) throw new UblkError('interrupted while creating the device; it was removed', undefined, 'ABORTED');
+    };
+    checkAbort();
+    const spec: DeviceSpec = opts.asyncTarget ?? opts.target!.prepare(opts.targetOptions as O);
+    const targetUrl = opts.asyncTarget ? siblingUrl(import.meta.url, 'async-queue-thread').href : opts.targetUrl!;
+    const maxIoBytes = opts.maxIoBytes ?? spec.maxIoBytes ?? DEFAULT_MAX_IO_BYTES;
     const counterNames = opts.target?.counters ?? [];
     let ctrl: UblkControl | undefined;
     let info: DevInfo | undefined;
     let charFd = -1;
-    const started: QueueWorker[] = [];
+    let live = false;
+    const started: QueueThread[] = [];
     try {
+      const problem = specProblem(spec, maxIoBytes);
+      if (problem) throw new UblkError(problem);
       const params = paramsFor(spec, maxIoBytes);
+      checkAbort();
       ctrl = new UblkControl();
       info = ctrl.addDev({
-        devId: opts.devId === undefined || opts.devId < 0 ? 0xffffffff : opts.devId,
+        devId: opts.devId ?? ANY_DEV_ID,
         nrHwQueues: queues,
         queueDepth: depth,
         maxIoBufBytes: maxIoBytes,
         flags: opts.flags ?? 0,
       });
+      opts.onAdded?.(info);
+      checkAbort();
       ctrl.setParams(info.devId, params);
       charFd = openCharDev(info.devId);
       // The kernel caps nr_hw_queues at the number of possible CPUs: serve what it granted.
       for (let qid = 0; qid < info.nrHwQueues; qid++) {
-        started.push(spawnQueue(info, charFd, qid, targetUrl, opts.targetOptions ?? {}, spec.queueData, counterNames.length, opts.asyncTarget));
+        started.push(spawnQueue({
+          info, charFd, qid, targetUrl, targetOptions: opts.targetOptions ?? {}, device: spec.queueData,
+          nrCounters: counterNames.length, asyncTarget: opts.asyncTarget, drainTimeoutMs: opts.drainTimeoutMs,
+        }));
       }
-      // If a queue fails before it has fetched, its `done` rejects: race the two.
-      await Promise.all(started.map((q) => Promise.race([q.fetched, q.done.then(() => {
-        throw new UblkError('a queue exited before it was ready');
-      })])));
+      // A queue that ends before it has fetched failed; an abort ends the wait too.
+      const aborted = new Promise<void>((resolve) => {
+        if (signal?.aborted) resolve();
+        signal?.addEventListener('abort', () => resolve(), { once: true });
+      });
+      await Promise.race([
+        Promise.all(started.map((q) => Promise.race([q.fetched, q.done.then((r) => {
+          throw new UblkError(`queue ${q.qid} could not start: ${r?.error ?? 'its thread ended'}`);
+        })]))),
+        aborted,
+      ]);
+      checkAbort();
       // Not the blocking variant: the kernel's partition scan during START_DEV sends I/O, which
       // an async target serves on this very event loop.
       await ctrl.startDevAsync(info.devId);
+      live = true;
+      checkAbort();
       return new UblkServer(ctrl, info, spec, charFd, started, counterNames);
     } catch (e) {
       // Unwind: no half-created device may stay behind.
       if (ctrl && info) {
-        for (const q of started) wake(q, true);
-        try { await ctrl.stopDevAsync(info.devId); } catch { /* not started */ }
-        await Promise.allSettled(started.map((q) => q.done));
-        if (charFd >= 0) sys.close(charFd);
-        try { await ctrl.delDevAsync(info.devId); } catch { /* best effort */ }
+        try {
+          await teardown({ ctrl, devId: info.devId, queues: started, charFd, live });
+        } catch { /* best effort: `ublk del` can finish it */ }
+      } else {
+        for (const q of started) sys.close(q.wakeFd);
       }
-      for (const q of started) sys.close(q.wakeFd);
       ctrl?.close();
       spec.release?.();
       throw e;
     }
   }
 
-  /** STOP_DEV, wait for the queues to release everything, DEL_DEV. Idempotent. */
-  stop(): Promise<void> {
+  /**
+   * STOP_DEV, wait for the queues to release everything, DEL_DEV. Idempotent. `beforeDelete`
+   * runs after the queues are gone and before DEL_DEV frees the device id (the CLI removes its
+   * state file there, so it can never delete the state of a new device that reuses the id).
+   */
+  stop(opts: { beforeDelete?: () => void } = {}): Promise<void> {
     return (this.stopping ??= (async () => {
       try {
-        await this.ctrl.stopDevAsync(this.devId);
-      } catch (e) {
-        // Already gone (ublk del from another process got there first).
-        if (!(e instanceof UblkError && (e.code === 'ENODEV' || e.code === 'ENOENT'))) throw e;
+        await teardown({ ctrl: this.ctrl, devId: this.devId, queues: this.queues, charFd: this.charFd, live: true, beforeDelete: opts.beforeDelete });
+      } finally {
+        this.ctrl.close();
+        // Every queue has exited: nothing uses the target's device-wide resources any more.
+        this.spec.release?.();
       }
-      // Aborted fetches end the queues; if a kernel did not abort them, the wake flag does.
-      const timer = setTimeout(() => this.queues.forEach((q) => wake(q, true)), 5000);
-      await Promise.allSettled(this.queues.map((q) => q.done));
-      clearTimeout(timer);
-      // The last reference to /dev/ublkcN (the queues dropped their mmaps and rings): DEL_DEV
-      // waits for exactly this.
-      sys.close(this.charFd);
-      try {
-        await this.ctrl.delDevAsync(this.devId);
-      } catch (e) {
-        if (!(e instanceof UblkError && (e.code === 'ENODEV' || e.code === 'ENOENT'))) throw e;
-      }
-      this.ctrl.close();
-      for (const q of this.queues) sys.close(q.wakeFd);
-      // Every queue has exited: nothing uses the target's device-wide resources any more.
-      this.spec.release?.();
     })());
+  }
+
+  /** What each queue reported when it closed (undefined for one still running). */
+  async closeReports(): Promise<Array<QueueCloseReport | undefined>> {
+    return (await Promise.all(this.queues.map((q) => q.done))).map((r) => r?.close);
   }
 }
 
-function wake(q: QueueWorker, stop: boolean): void {
+/**
+ * Takes a device down, from any state start() can leave it in:
+ *
+ * 1. A live device is stopped the orderly way: STOP_DEV, during which the kernel still sends us
+ *    the I/O it had queued, then aborts every tag's FETCH, which ends the queues. A device that
+ *    never went live would not abort the fetches: the queues get the stop word at once. Either
+ *    way, queues still running after `graceMs` get it too.
+ * 2. Once every queue thread has exited, its tag buffers are unmapped (if it could prove no SQE
+ *    still names them) and the char device is closed: our last reference to it. On 7.x that
+ *    close is also what makes the kernel fail requests a dead queue still held, which a STOP_DEV
+ *    waiting in del_gendisk needs; so STOP_DEV is awaited only after it.
+ * 3. `beforeDelete`, then DEL_DEV, which waits for the last reference to go.
+ */
+async function teardown(o: {
+  ctrl: UblkControl; devId: number; queues: QueueThread[]; charFd: number; live: boolean; beforeDelete?: () => void;
+}): Promise<void> {
+  const gone = (e: unknown) => e instanceof UblkError && (e.code === 'ENODEV' || e.code === 'ENOENT');
+  let stopped: Promise<unknown> = Promise.resolve();
+  if (o.live) stopped = o.ctrl.stopDevAsync(o.devId).then(() => undefined, (e: unknown) => (gone(e) ? undefined : e));
+  else for (const q of o.queues) wake(q, true);
+  const timer = setTimeout(() => o.queues.forEach((q) => wake(q, true)), 5000);
+  await Promise.allSettled(o.queues.map((q) => q.exited));
+  clearTimeout(timer);
+  if (o.charFd >= 0) sys.close(o.charFd);
+  const stopError = await stopped;
+  for (const q of o.queues) sys.close(q.wakeFd);
+  try {
+    o.beforeDelete?.();
+  } finally {
+    try {
+      await o.ctrl.delDevAsync(o.devId);
+    } catch (e) {
+      if (!gone(e)) throw e;
+    }
+  }
+  if (stopError) throw stopError;
+}
+
+function wake(q: QueueThread, stop: boolean): void {
   if (stop) Atomics.store(q.control, 0, 1);
   try {
     sys.eventfdSignal(q.wakeFd);
@@ -231,7 +281,7 @@ function openCharDev(devId: number): number {
   const path = `/dev/ublkc${devId}`;
   for (let i = 0; ; i++) {
     try {
-      return sys.open(path, ua.O_RDWR | ua.O_CLOEXEC);
+      return sys.open(path, libc.O_RDWR | libc.O_CLOEXEC);
     } catch (e) {
       if (!(e instanceof SysError) || e.code !== 'ENOENT' || i >= 100) throw e;
       Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 10);
@@ -239,48 +289,62 @@ function openCharDev(devId: number): number {
   }
 }
 
-function spawnQueue(
-  info: DevInfo, charFd: number, qid: number, targetUrl: string, targetOptions: unknown, device: unknown,
-  nrCounters: number, asyncTarget?: AsyncTarget,
-): QueueWorker {
-  const counters = new SharedArrayBuffer(8 * Math.max(1, nrCounters));
-  const wakeFd = sys.eventfd(0, ua.EFD_CLOEXEC | ua.EFD_NONBLOCK);
+interface SpawnOptions {
+  info: DevInfo;
+  charFd: number;
+  qid: number;
+  targetUrl: string;
+  targetOptions: unknown;
+  /** DeviceSpec.queueData. */
+  device: unknown;
+  nrCounters: number;
+  asyncTarget?: AsyncTarget;
+  drainTimeoutMs?: number;
+}
+
+function spawnQueue(o: SpawnOptions): QueueThread {
+  const counters = new SharedArrayBuffer(8 * Math.max(1, o.nrCounters));
+  const wakeFd = sys.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
   const control = new SharedArrayBuffer(4);
-  const shared = asyncTarget ? new SharedArrayBuffer(completionRingBytes(info.queueDepth)) : undefined;
-  const port = asyncTarget && shared ? new AsyncQueuePort(asyncTarget, shared, info.queueDepth, wakeFd) : undefined;
-  const data: QueueWorkerData = {
-    devId: info.devId,
-    charFd,
-    qid,
-    depth: info.queueDepth,
-    maxIoBufBytes: info.maxIoBufBytes,
-    flags: info.flags,
-    targetUrl,
-    targetOptions,
+  const shared = o.asyncTarget ? new SharedArrayBuffer(CompletionRing.bytes(o.info.queueDepth)) : undefined;
+  const port = o.asyncTarget && shared ? new AsyncQueuePort(o.asyncTarget, shared, o.info.queueDepth, wakeFd) : undefined;
+  const data: QueueThreadData = {
+    charFd: o.charFd,
+    qid: o.qid,
+    depth: o.info.queueDepth,
+    maxIoBytes: o.info.maxIoBufBytes,
+    drainTimeoutMs: o.drainTimeoutMs,
+    targetUrl: o.targetUrl,
+    targetOptions: o.targetOptions,
     wakeFd,
     control,
     shared,
-    device,
+    device: o.device,
     counters,
   };
-  const worker = startWorker(siblingUrl(import.meta.url, 'queue-worker'), data);
+  const worker = startWorker(siblingUrl(import.meta.url, 'queue-thread'), data);
   let onFetched!: () => void;
   const fetched = new Promise<void>((res) => { onFetched = res; });
-  const done = new Promise<number>((resolve, reject) => {
-    let served = 0;
-    let failed: Error | undefined;
-    worker.on('message', (m: { kind: string; served?: number; message?: unknown; bufBase?: number; bufSize?: number }) => {
-      if (m.kind === 'target') port?.dispatch(m.message as number[]);
-      else if (m.kind === 'fetched') {
-        port?.attach(m.bufBase!, m.bufSize!);
-        onFetched();
+  const done = new Promise<Extract<QueueMessage, { kind: 'done' }> | undefined>((resolve) => {
+    let report: Extract<QueueMessage, { kind: 'done' }> | undefined;
+    const failed = (error: string) => ({ kind: 'done' as const, qid: o.qid, served: 0, error,
+      close: { drained: false, inFlight: 0, held: 0, bufBase: 0, bufBytes: 0 } });
+    worker.on('message', (m: QueueMessage) => {
+      switch (m.kind) {
+        case 'target': port?.dispatch(m.message as AsyncBatch); break;
+        case 'fetched': port?.attach(m.bufBase, m.maxIoBytes); onFetched(); break;
+        case 'done': report = m; break;
+        case 'error': report = failed(m.stack ?? m.message); break;
       }
-      else if (m.kind === 'done') served = m.served ?? 0;
-      else if (m.kind === 'error') failed = new UblkError(`queue ${qid}: ${String(m.message)}`);
     });
-    worker.on('error', (e) => { failed = e; });
-    worker.on('exit', () => (failed ? reject(failed) : resolve(served)));
+    worker.on('error', (e) => { report ??= failed(e.stack ?? e.message); });
+    worker.on('exit', () => {
+      // The thread is gone: no task work of ublk_drv can copy into its buffers any more.
+      port?.close();
+      if (report) releaseQueueBuffers(report.close);
+      resolve(report);
+    });
   });
-  done.catch(() => { /* observed by the server */ });
-  return { worker, port, wakeFd, control: new Int32Array(control), fetched, done, counters: new Float64Array(counters) };
+  const exited = done.then(() => undefined);
+  return { qid: o.qid, worker, port, wakeFd, control: new Int32Array(control), fetched, done, exited, counters: new Float64Array(counters) };
 }

@@ -8,9 +8,17 @@
  *
  * A handler is ring-native: `handle` runs on the queue's thread between two io_uring_enter
  * calls and must not block. It either returns the result at once (null) or issues its own SQEs
- * on the queue's ring (`ctx.ring`, user_data from `ctx.track`) and calls `ctx.complete` from the
- * CQE callback (loop). Targets written as plain async functions use {@link AsyncTarget} instead
- * (see async-target.ts), which runs them on an event loop.
+ * on the queue's ring (`ctx.getSqe`, then `ctx.track`) and calls `ctx.complete` from the CQE
+ * callback (loop). Targets written as plain async functions use {@link AsyncTarget} instead
+ * (see async-main-thread.ts), which runs them on an event loop.
+ *
+ * The queue keeps a request's memory safe for the target: every SQE taken while a request is
+ * being served (in `handle`, or in the CQE callback of one of its SQEs) belongs to that request,
+ * and the request is answered to the kernel only after all of them completed, even if the target
+ * completes it earlier. A handler or callback that throws fails its request with EIO (once its
+ * SQEs are done); SQEs it took but never tracked become NOPs. A result that makes no sense (0
+ * bytes for a READ or WRITE, more bytes than asked, a negative number that is not an errno)
+ * becomes EIO, with a line in the server's log.
  */
 import type { IoUring } from '../uring/index.js';
 
@@ -46,9 +54,10 @@ export interface QueueContext {
   readonly qid: number;
   readonly depth: number;
   /**
-   * Sets the user_data of the SQE at word `w` so that its CQE calls `onCqe`. Every SQE a
-   * target puts on the ring must go through this (the queue tells ublk commands from target
-   * I/O by user_data).
+   * Sets the user_data of the SQE at word `w` (from {@link getSqe}, already prepared: prep
+   * functions clear user_data) so that its CQE calls `onCqe`. Every SQE a target puts on the
+   * ring must go through this: the queue tells ublk commands from target I/O by user_data, and
+   * counts the SQE against the request being served.
    */
   track(w: number, onCqe: (res: number, flags: number) => void): void;
   /** Completes request `tag` with `result` (bytes, 0, or -errno); for results not returned by handle. */
@@ -59,7 +68,11 @@ export interface QueueContext {
    * count. The queue unregisters everything when it closes; the caller still owns `fd`.
    */
   registerFile(fd: number): number;
-  /** A free SQE (word index into `ring.sqes`), handing queued SQEs to the kernel first if the SQ is full. */
+  /**
+   * A free SQE (word index into `ring.sqes`), handing queued SQEs to the kernel first if the SQ is
+   * full. Prepare and {@link track} it before taking the next one (a full SQ submits what is
+   * queued, a half-written SQE included). Never take SQEs from `ring.getSqe()` directly.
+   */
   getSqe(): number;
 }
 
@@ -112,7 +125,10 @@ export interface DeviceSpec {
   discard?: { granularity: number; maxBytes: number; maxWriteZeroesBytes: number };
   /** Largest request in bytes (default 512 KiB; the I/O buffer of each tag has this size). */
   maxIoBytes?: number;
-  /** A line for `ublk list` (the target's own description, e.g. the backing file). */
+  /**
+   * The target's own description of the device (its backing file, the options that shaped it),
+   * shown by `ublk list -v` and in `ublk list --json` as `target.describe`.
+   */
   describe?: Record<string, unknown>;
   /**
    * Data every queue's `openQueue` receives as `queue.device` (structured-cloned to the worker
