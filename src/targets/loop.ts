@@ -17,22 +17,21 @@
  * FLUSH, DISCARD and WRITE_ZEROES complete with 0, never a byte count: ublk_drv would read a
  * count of 2 GiB or more as a negative errno.
  *
- * `prepare` opens the backing once, on the main thread (O_NONBLOCK on tmpfs, see onTmpfs), and
- * checks everything a user can get wrong before a device exists; the queues share that fd (one address space, one fd table), each
- * registering it as a fixed file of its own ring.
+ * `prepare` opens the backing once, on the main thread (loop-backing.ts: every decision comes from
+ * the fd it opened; O_NONBLOCK on tmpfs), and checks everything a user can get wrong before a
+ * device exists; the queues share that fd (one address space, one fd table), each registering
+ * it as a fixed file of its own ring.
  */
-import { readFileSync, statfsSync, statSync, type Stats } from 'node:fs';
 import { resolve } from 'node:path';
-import {
-  Mapping, SysError, abi as ua, prepFallocate, prepFsync, prepRead, prepWrite, setFlags, sys,
-} from '../uring/index.js';
+import { PAGE_SIZE, libc, sys } from '../libc/index.js';
+import { prepFallocate, prepFsync, prepRead, prepWrite, setFlags, setOpFlags, abi as uringAbi } from '../uring/index.js';
 import {
   UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES,
   UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP,
 } from '../ublk/abi.js';
 import { defineTarget, TargetError, type DeviceSpec, type IoRequest, type QueueContext, type QueueHandler } from '../ublk/target.js';
-import { BLKGETSIZE64, BLKPBSZGET, BLKROGET, BLKSSZGET, TMPFS_MAGIC } from './abi.js';
-import { parseSize, UsageError } from './options.js';
+import { openBacking, type Backing } from './loop-backing.js';
+import { blockSizeChoices, parseOptions, UsageError } from './options.js';
 
 export interface LoopOptions {
   /** The backing file or block device (absolute path). */
@@ -54,9 +53,6 @@ interface LoopDevice {
   offset: number;
 }
 
-const EIO = 5;
-const EOPNOTSUPP = 95;
-
 /** Counter slots (TargetDefinition.counters). */
 const C_FDATASYNC = 0; // FLUSHes that reached the backing and succeeded
 const C_DSYNC_WRITES = 1; // FUA writes (RWF_DSYNC)
@@ -68,41 +64,47 @@ const C_ERRORS = 5; // requests completed with an error
 export default defineTarget<LoopOptions>({
   name: 'loop',
   usage: [
-    '  -f, --file PATH        backing file or block device (required)',
+    '  -f, --file PATH        backing file or block device (required; kublk\'s form, a path after the options, works too)',
     '  --buffered             use the page cache of the backing (default: O_DIRECT)',
     '  --offset BYTES         start the device this far into the backing (a multiple of the block size)',
-    '  -r, --read-only        read-only device (required for a backing we may not write)',
+    '  --read-only            read-only device (required for a backing we may not write)',
     '  -s, --size SIZE        device size (default: the backing\'s size minus the offset)',
-    '  --block-size 512|4096  logical block size (default: the backing\'s)',
+    '  --block-size N         logical block size, 512 to 4096 (default: the backing\'s)',
     '',
   ].join('\n'),
   counters: ['fdatasync', 'dsync_writes', 'punch_hole', 'zero_range', 'short_resubmits', 'errors'],
 
   parseArgs(argv) {
-    let file: string | undefined;
-    const o: Omit<LoopOptions, 'file'> = { buffered: false, offset: 0, readOnly: false };
-    for (let i = 0; i < argv.length; i++) {
-      const a = argv[i]!;
-      if (a === '-f' || a === '--file') {
-        file = argv[++i];
-        if (!file) throw new UsageError(`${a} takes a path`);
-      } else if (a === '--buffered') o.buffered = true;
-      else if (a === '--direct') o.buffered = false;
-      else if (a === '--offset') {
-        const v = argv[++i];
-        o.offset = v === '0' ? 0 : parseSize(v, a);
-      }
-      else if (a === '-r' || a === '--read-only') o.readOnly = true;
-      else if (a === '-s' || a === '--size') o.sizeBytes = parseSize(argv[++i], a);
-      else if (a === '--block-size') o.blockSize = parseSize(argv[++i], a);
-      else throw new UsageError(`loop: unknown option ${a}`);
+    const { values, positional } = parseOptions('loop', argv, [
+      { key: 'file', names: ['-f', '--file'], kind: 'string' },
+      { key: 'buffered', names: ['--buffered'], kind: 'flag' },
+      { key: 'direct', names: ['--direct'], kind: 'flag' },
+      { key: 'offset', names: ['--offset'], kind: 'size', zero: true },
+      { key: 'readOnly', names: ['--read-only'], kind: 'flag' },
+      { key: 'size', names: ['-s', '--size'], kind: 'size' },
+      { key: 'blockSize', names: ['--block-size'], kind: 'size', choices: blockSizeChoices(Math.min(PAGE_SIZE, 4096)) },
+    ], { positional: 1 });
+    if (values.file !== undefined && positional.length > 0) {
+      throw new UsageError(`loop: the backing file is given twice (-f ${String(values.file)} and ${positional[0]})`);
     }
+    const file = (values.file as string | undefined) ?? positional[0];
     if (!file) throw new UsageError('loop needs a backing file: -f FILE (or a block device)');
-    if (o.blockSize !== undefined && o.blockSize !== 512 && o.blockSize !== 1024 && o.blockSize !== 2048 && o.blockSize !== 4096) {
-      throw new UsageError(`--block-size must be 512, 1024, 2048 or 4096, got ${o.blockSize}`);
+    if (values.buffered && values.direct) throw new UsageError('loop: --buffered and --direct contradict each other');
+    // What can be checked without the backing is checked here (exit 2); the rest in prepare.
+    const unit = (values.blockSize as number | undefined) ?? 512;
+    for (const [key, opt] of [['offset', '--offset'], ['size', '--size']] as const) {
+      const v = values[key] as number | undefined;
+      if (v !== undefined && v % unit !== 0) throw new UsageError(`loop: ${opt} must be a multiple of the block size ${unit}, got ${v}`);
     }
-    // Absolute, so the detached server and `ublk list` mean the same file whatever their cwd.
-    return { file: resolve(file), ...o };
+    return {
+      // Absolute, so the detached server and `ublk list` mean the same file whatever their cwd.
+      file: resolve(file),
+      buffered: values.buffered === true,
+      offset: (values.offset as number | undefined) ?? 0,
+      readOnly: values.readOnly === true,
+      sizeBytes: values.size as number | undefined,
+      blockSize: values.blockSize as number | undefined,
+    };
   },
 
   prepare(o) {
@@ -119,139 +121,6 @@ export default defineTarget<LoopOptions>({
     return new LoopQueue(queue.device as LoopDevice, queue.counters);
   },
 });
-
-/** What we learned about the backing while opening it. */
-interface Backing {
-  fd: number;
-  isBlockDevice: boolean;
-  /** Bytes. */
-  size: number;
-  /** The smallest block we can address: the sector size, or the O_DIRECT alignment. */
-  logicalBlockSize: number;
-  physicalBlockSize: number;
-  /** A block device we may not write (BLKROGET). */
-  readOnly: boolean;
-  /** Discard granularity and whether the backing can punch holes. */
-  discardGranularity: number;
-  canDiscard: boolean;
-}
-
-function openBacking(o: LoopOptions): Backing {
-  let st: Stats;
-  try {
-    st = statSync(o.file);
-  } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') throw new TargetError(`loop: ${o.file} does not exist`);
-    throw new TargetError(`loop: cannot stat ${o.file} (${code}): ${code === 'EACCES' ? 'run as root or fix the permissions of its directories' : (e as Error).message}`);
-  }
-  if (st.isDirectory()) throw new TargetError(`loop: ${o.file} is a directory; -f takes a file or a block device`);
-  if (!st.isFile() && !st.isBlockDevice()) throw new TargetError(`loop: ${o.file} is neither a regular file nor a block device`);
-  if (st.isFile() && !o.readOnly && (st.mode & 0o222) === 0) {
-    // Root could write it anyway; the missing write bits are the owner's "do not", so ask.
-    throw new TargetError(`loop: ${o.file} is read-only (mode ${(st.mode & 0o777).toString(8).padStart(4, '0')}): add --read-only, or chmod u+w it`);
-  }
-  const flags = (o.readOnly ? ua.O_RDONLY : ua.O_RDWR) | ua.O_CLOEXEC | (o.buffered ? 0 : ua.O_DIRECT)
-    | (st.isFile() && onTmpfs(o.file) ? ua.O_NONBLOCK : 0);
-  let fd: number;
-  try {
-    fd = sys.open(o.file, flags);
-  } catch (e) {
-    if (!(e instanceof SysError)) throw e;
-    if (!o.readOnly && (e.code === 'EROFS' || e.code === 'EACCES' || e.code === 'EPERM')) {
-      throw new TargetError(`loop: ${o.file} cannot be opened for writing (${e.code}): add --read-only${e.code === 'EACCES' ? ', or run as root' : ''}`);
-    }
-    if (e.code === 'EACCES') throw new TargetError(`loop: cannot read ${o.file} (EACCES): run as root or fix its permissions`);
-    if (e.code === 'EINVAL' && !o.buffered) throw new TargetError(`loop: the file system of ${o.file} does not support O_DIRECT: add --buffered`);
-    throw new TargetError(`loop: cannot open ${o.file}: ${e.message}`);
-  }
-  try {
-    return st.isBlockDevice() ? probeBlockDevice(fd, st) : probeFile(fd, st, o.buffered);
-  } catch (e) {
-    sys.close(fd);
-    throw e;
-  }
-}
-
-/**
- * Whether `path` lives on tmpfs, whose files we open O_NONBLOCK so that io_uring reads and
- * writes them inline instead of in its io-wq worker threads.
- *
- * io_uring issues a READ/WRITE from the submitting thread only when the file promises not to
- * block under IOCB_NOWAIT; otherwise it hands the request to an io-wq worker at once, which costs
- * two thread wake-ups per request. The promise is FMODE_NOWAIT, or O_NONBLOCK on the open file
- * (io_uring/io_uring.c, io_file_get_flags: "any ->read/write should understand O_NONBLOCK").
- * ext4, xfs, btrfs and block devices set FMODE_NOWAIT themselves. tmpfs does not
- * (mm/shmem.c, shmem_file_open sets only FMODE_CAN_ODIRECT), yet its reads and O_DIRECT writes
- * are copies to and from page-cache memory that never wait for a device, so running them inline
- * is safe; buffered writes io_uring still punts itself (io_write: no FOP_BUFFER_WASYNC). Measured
- * in the VM (6.12, 4 KiB, QD 32): about 1.5x the IOPS, and 2.7x at QD 1. Other file systems keep
- * their default: on NFS or FUSE a read that ignored O_NONBLOCK could stall the whole queue
- * behind one slow server.
- */
-function onTmpfs(path: string): boolean {
-  try {
-    return statfsSync(path).type === TMPFS_MAGIC;
-  } catch {
-    return false; // not knowing only costs speed
-  }
-}
-
-function probeBlockDevice(fd: number, st: Stats): Backing {
-  const m = Mapping.anonymous(16);
-  try {
-    sys.ioctl(fd, BLKGETSIZE64, m.address, 'BLKGETSIZE64');
-    const size = Number(m.view.getBigUint64(0, true));
-    sys.ioctl(fd, BLKSSZGET, m.address, 'BLKSSZGET');
-    const lbs = m.view.getInt32(0, true);
-    sys.ioctl(fd, BLKPBSZGET, m.address, 'BLKPBSZGET');
-    const pbs = m.view.getUint32(0, true);
-    sys.ioctl(fd, BLKROGET, m.address, 'BLKROGET');
-    const ro = m.view.getInt32(0, true) !== 0;
-    // fallocate(PUNCH_HOLE) on a block device is a zero-out that must unmap (blkdev_fallocate):
-    // it works where the device takes REQ_OP_WRITE_ZEROES; ZERO_RANGE works everywhere.
-    const q = `/sys/dev/block/${major(st.rdev)}:${minor(st.rdev)}/queue`;
-    const wz = readNumber(`${q}/write_zeroes_max_bytes`);
-    return {
-      fd, isBlockDevice: true, size, logicalBlockSize: lbs, physicalBlockSize: Math.max(pbs, lbs), readOnly: ro,
-      discardGranularity: Math.max(lbs, readNumber(`${q}/discard_granularity`)), canDiscard: wz > 0,
-    };
-  } finally {
-    m.unmap();
-  }
-}
-
-function probeFile(fd: number, st: Stats, buffered: boolean): Backing {
-  const lbs = buffered ? 512 : directIoAlignment(fd, st.size);
-  // The file system's block: the unit it allocates and punches in.
-  const fsBlock = powerOfTwoIn(st.blksize, lbs, 65536);
-  return {
-    fd, isBlockDevice: false, size: st.size, logicalBlockSize: lbs, physicalBlockSize: Math.max(lbs, Math.min(fsBlock, 4096)),
-    readOnly: false, discardGranularity: fsBlock, canDiscard: true,
-  };
-}
-
-/**
- * The smallest block O_DIRECT accepts on this file: 512 where the file system allows it, up to
- * 4096 (a file system on a 4Kn disk). Measured with a real read rather than statx's
- * dio_offset_align, which only 6.1+ reports and not for every file system.
- */
-function directIoAlignment(fd: number, size: number): number {
-  const m = Mapping.anonymous(8192);
-  try {
-    for (let bs = 512; bs <= 4096; bs *= 2) {
-      try {
-        sys.pread(fd, m.address + bs, bs, size >= 2 * bs ? bs : 0);
-        return bs;
-      } catch (e) {
-        if (!(e instanceof SysError && e.code === 'EINVAL')) throw e;
-      }
-    }
-  } finally {
-    m.unmap();
-  }
-  throw new TargetError('loop: O_DIRECT refuses even 4096-byte aligned reads on this file: add --buffered');
-}
 
 function deviceSpec(o: LoopOptions, b: Backing): DeviceSpec {
   if (b.readOnly && !o.readOnly) {
@@ -375,7 +244,7 @@ class LoopQueue implements QueueHandler {
       }
       case UBLK_IO_OP_DISCARD:
         this.op[tag] = req.op;
-        this.fallocate(ua.FALLOC_FL_PUNCH_HOLE, req.offset, req.length, this.onOther[tag]!);
+        this.fallocate(libc.FALLOC_FL_PUNCH_HOLE, req.offset, req.length, this.onOther[tag]!);
         return undefined;
       case UBLK_IO_OP_WRITE_ZEROES:
         this.op[tag] = req.op;
@@ -385,14 +254,14 @@ class LoopQueue implements QueueHandler {
         this.done[tag] = 0;
         if (req.flags & UBLK_IO_F_NOUNMAP) {
           // Zeros that stay allocated, so later writes there cannot fail for space.
-          if (this.noZeroRange) this.fallocate(ua.FALLOC_FL_PUNCH_HOLE, req.offset, req.length, this.onZeroFallback[tag]!);
-          else this.fallocate(ua.FALLOC_FL_ZERO_RANGE, req.offset, req.length, this.onOther[tag]!);
+          if (this.noZeroRange) this.fallocate(libc.FALLOC_FL_PUNCH_HOLE, req.offset, req.length, this.onZeroFallback[tag]!);
+          else this.fallocate(libc.FALLOC_FL_ZERO_RANGE, req.offset, req.length, this.onOther[tag]!);
         } else {
-          this.fallocate(ua.FALLOC_FL_PUNCH_HOLE, req.offset, req.length, this.onOther[tag]!);
+          this.fallocate(libc.FALLOC_FL_PUNCH_HOLE, req.offset, req.length, this.onOther[tag]!);
         }
         return undefined;
       default:
-        return -EOPNOTSUPP;
+        return -libc.EOPNOTSUPP;
     }
   }
 
@@ -402,7 +271,7 @@ class LoopQueue implements QueueHandler {
 
   /** Sends the SQE at `w`, prepared on `this.fixed`, to the backing's fixed file; `cb` gets its CQE. */
   private issue(w: number, cb: (res: number) => void): void {
-    setFlags(this.ctx.ring.sqes, w, ua.IOSQE_FIXED_FILE);
+    setFlags(this.ctx.ring.sqes, w, uringAbi.IOSQE_FIXED_FILE);
     this.ctx.track(w, cb);
   }
 
@@ -418,7 +287,7 @@ class LoopQueue implements QueueHandler {
       prepRead(s, w, this.fixed, a, n, off);
     } else {
       prepWrite(s, w, this.fixed, a, n, off);
-      if (this.flags[tag]! & UBLK_IO_F_FUA) s[w + 7] = ua.RWF_DSYNC; // sqe->rw_flags
+      if (this.flags[tag]! & UBLK_IO_F_FUA) setOpFlags(s, w, libc.RWF_DSYNC); // sqe->rw_flags
     }
     this.issue(w, this.onRw[tag]!);
   }
@@ -427,7 +296,7 @@ class LoopQueue implements QueueHandler {
     if (res < 0) return this.fail(tag, res);
     const len = this.len[tag]!;
     if (res === 0) {
-      if (this.op[tag] === UBLK_IO_OP_WRITE) return this.fail(tag, -EIO); // no progress: never loop
+      if (this.op[tag] === UBLK_IO_OP_WRITE) return this.fail(tag, -libc.EIO); // no progress: never loop
       // The backing ends before the device does (it was truncated): the rest reads as zeros.
       this.reqs[tag]!.buffer.fill(0, this.done[tag]!, len);
       this.done[tag] = len;
@@ -448,18 +317,18 @@ class LoopQueue implements QueueHandler {
   /** fallocate(mode | KEEP_SIZE) over device range [offset, offset + length). */
   private fallocate(mode: number, offset: number, length: number, cb: (res: number) => void): void {
     const w = this.sqe();
-    prepFallocate(this.ctx.ring.sqes, w, this.fixed, mode | ua.FALLOC_FL_KEEP_SIZE, this.base + offset, length);
+    prepFallocate(this.ctx.ring.sqes, w, this.fixed, mode | libc.FALLOC_FL_KEEP_SIZE, this.base + offset, length);
     this.issue(w, cb);
   }
 
   /** FLUSH, DISCARD and WRITE_ZEROES: complete with 0 (never a byte count) or the error. */
   private otherDone(tag: number, res: number): void {
     const op = this.op[tag];
-    if (res === -EOPNOTSUPP && op === UBLK_IO_OP_WRITE_ZEROES && this.flags[tag]! & UBLK_IO_F_NOUNMAP) {
+    if (res === -libc.EOPNOTSUPP && op === UBLK_IO_OP_WRITE_ZEROES && this.flags[tag]! & UBLK_IO_F_NOUNMAP) {
       // This file system has no ZERO_RANGE (tmpfs): punch, then allocate, from now on.
       this.noZeroRange = true;
       this.done[tag] = 0;
-      this.fallocate(ua.FALLOC_FL_PUNCH_HOLE, this.pos[tag]!, this.len[tag]!, this.onZeroFallback[tag]!);
+      this.fallocate(libc.FALLOC_FL_PUNCH_HOLE, this.pos[tag]!, this.len[tag]!, this.onZeroFallback[tag]!);
       return;
     }
     if (res < 0) return this.fail(tag, res);
@@ -488,27 +357,4 @@ class LoopQueue implements QueueHandler {
     // meaning, anything it has no status for becomes EIO.
     this.ctx.complete(tag, res);
   }
-}
-
-// glibc's dev_t encoding (<bits/sysmacros.h>): major in bits 8-19 and 44-63, minor in 0-7 and 20-43.
-function major(dev: number): number {
-  return ((dev >>> 8) & 0xfff) + Math.floor(dev / 2 ** 44) * 0x1000;
-}
-function minor(dev: number): number {
-  return (dev & 0xff) + (Math.floor(dev / 2 ** 20) % 2 ** 24) * 0x100;
-}
-
-function readNumber(path: string): number {
-  try {
-    return Number(readFileSync(path, 'utf8').trim()) || 0;
-  } catch {
-    return 0;
-  }
-}
-
-/** The power of two nearest below `n`, within [lo, hi]. */
-function powerOfTwoIn(n: number, lo: number, hi: number): number {
-  let p = lo;
-  while (p * 2 <= Math.min(n, hi)) p *= 2;
-  return p;
 }

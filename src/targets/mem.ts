@@ -11,12 +11,12 @@
  * edges. The mapping is unmapped by `release`, after the last queue has stopped.
  */
 import { totalmem } from 'node:os';
-import { Mapping, MAX_VIEW_BYTES, abi as ua, sys } from '../uring/index.js';
+import { Mapping, MAX_VIEW_BYTES, PAGE_SIZE, libc, sys } from '../libc/index.js';
 import {
   UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES, UBLK_IO_F_NOUNMAP,
 } from '../ublk/abi.js';
 import { defineTarget, TargetError, type IoRequest, type QueueHandler } from '../ublk/target.js';
-import { parseSize, UsageError } from './options.js';
+import { blockSizeChoices, parseOptions, UsageError } from './options.js';
 
 export interface MemOptions {
   sizeBytes: number;
@@ -29,28 +29,23 @@ interface MemDevice {
   size: number;
 }
 
-const EOPNOTSUPP = 95;
-
 export default defineTarget<MemOptions>({
   name: 'mem',
   usage: '  -s, --size SIZE        device size (required; memory is taken as blocks are written)\n  --block-size 512|4096  logical block size (default 512)\n',
 
   parseArgs(argv) {
-    let size: number | undefined;
-    let blockSize = 512;
-    for (let i = 0; i < argv.length; i++) {
-      const a = argv[i]!;
-      if (a === '-s' || a === '--size') size = parseSize(argv[++i], a);
-      else if (a === '--block-size') blockSize = parseSize(argv[++i], a);
-      else throw new UsageError(`mem: unknown option ${a}`);
-    }
+    const { values } = parseOptions('mem', argv, [
+      { key: 'size', names: ['-s', '--size'], kind: 'size' },
+      { key: 'blockSize', names: ['--block-size'], kind: 'size', choices: blockSizeChoices(PAGE_SIZE) },
+    ]);
+    const size = values.size as number | undefined;
     if (size === undefined) throw new UsageError('mem needs a size: -s SIZE (e.g. -s 1G)');
-    if (blockSize !== 512 && blockSize !== 4096) throw new UsageError(`--block-size must be 512 or 4096, got ${blockSize}`);
-    return { sizeBytes: size, blockSize };
+    // Discards give whole pages back (MADV_DONTNEED): the disk is made of whole pages.
+    if (size % 4096 !== 0) throw new UsageError(`mem: the size must be a multiple of 4096, got ${size}`);
+    return { sizeBytes: size, blockSize: (values.blockSize as number | undefined) ?? 512 };
   },
 
   prepare(o) {
-    if (o.sizeBytes % 4096 !== 0) throw new TargetError(`mem: the size must be a multiple of 4096, got ${o.sizeBytes}`);
     if (o.sizeBytes > totalmem()) {
       // MAP_NORESERVE would accept it, and the OOM killer would end the server once it filled.
       throw new TargetError(`mem: ${o.sizeBytes} bytes is more than this machine's memory (${totalmem()} bytes): choose a smaller -s`);
@@ -64,7 +59,7 @@ export default defineTarget<MemOptions>({
       rotational: false,
       // Nothing is cached on the way to the memory: no FLUSH needed (brd does the same).
       discard: { granularity: 4096, maxBytes: 2 ** 30, maxWriteZeroesBytes: 2 ** 30 },
-      describe: { size: o.sizeBytes },
+      describe: { size: o.sizeBytes, block_size: o.blockSize },
       queueData: device,
       release: () => ram.unmap(),
     };
@@ -104,7 +99,7 @@ class MemQueue implements QueueHandler {
         this.zero(req.offset, req.length, !(req.flags & UBLK_IO_F_NOUNMAP));
         return 0;
       default:
-        return -EOPNOTSUPP;
+        return -libc.EOPNOTSUPP;
     }
   }
 
@@ -118,13 +113,13 @@ class MemQueue implements QueueHandler {
 
   /** Zeros [off, off + len): whole pages are given back (`unmap`) or filled, the edges filled. */
   private zero(off: number, len: number, unmap: boolean): void {
-    const page = 4096;
+    const page = PAGE_SIZE; // madvise works on whole pages of this machine
     const first = Math.ceil(off / page) * page;
     const last = Math.floor((off + len) / page) * page;
     if (unmap && last > first) {
       this.fill(off, first - off);
       // MADV_DONTNEED on private anonymous memory: the pages are freed, and read as zeros after.
-      sys.madvise(this.ram.address + first, last - first, ua.MADV_DONTNEED);
+      sys.madvise(this.ram.address + first, last - first, libc.MADV_DONTNEED);
       this.fill(last, off + len - last);
     } else {
       this.fill(off, len);

@@ -4,7 +4,8 @@
  */
 import { defineTarget } from '../ublk/target.js';
 import { UBLK_IO_OP_READ, UBLK_IO_OP_WRITE } from '../ublk/abi.js';
-import { parseSize, UsageError } from './options.js';
+import { PAGE_SIZE } from '../libc/index.js';
+import { blockSizeChoices, parseOptions, UsageError } from './options.js';
 
 export interface NullOptions {
   sizeBytes: number;
@@ -15,17 +16,18 @@ export default defineTarget<NullOptions>({
   name: 'null',
   usage: '  -s, --size SIZE        device size (default 250G)\n  --block-size 512|4096  logical block size (default 512)\n',
   parseArgs(argv) {
-    const o: NullOptions = { sizeBytes: 250 * 2 ** 30, blockSize: 512 };
-    for (let i = 0; i < argv.length; i++) {
-      const a = argv[i]!;
-      if (a === '-s' || a === '--size') o.sizeBytes = parseSize(argv[++i], a);
-      else if (a === '--block-size') o.blockSize = parseSize(argv[++i], a);
-      else throw new UsageError(`null: unknown option ${a}`);
+    const { values } = parseOptions('null', argv, [
+      { key: 'size', names: ['-s', '--size'], kind: 'size' },
+      { key: 'blockSize', names: ['--block-size'], kind: 'size', choices: blockSizeChoices(PAGE_SIZE) },
+    ]);
+    const o: NullOptions = { sizeBytes: (values.size as number | undefined) ?? 250 * 2 ** 30, blockSize: (values.blockSize as number | undefined) ?? 512 };
+    if (o.sizeBytes % o.blockSize !== 0) {
+      throw new UsageError(`null: the size must be a multiple of the block size ${o.blockSize}, got ${o.sizeBytes}`);
     }
     return o;
   },
   prepare(o) {
-    return { sizeBytes: o.sizeBytes, logicalBlockSize: o.blockSize, describe: { size: o.sizeBytes } };
+    return { sizeBytes: o.sizeBytes, logicalBlockSize: o.blockSize, describe: { size: o.sizeBytes, block_size: o.blockSize } };
   },
   openQueue() {
     return {

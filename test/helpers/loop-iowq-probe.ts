@@ -12,13 +12,13 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import loop from '../../src/targets/loop.js';
 import { UBLK_IO_OP_READ, UBLK_IO_OP_WRITE } from '../../src/ublk/abi.js';
-import { abi as ua, sys } from '../../src/uring/index.js';
+import { sys, libc } from '../../src/uring/index.js';
 import { TargetHarness } from './target-harness.js';
 
 const [file, how] = process.argv.slice(2) as [string, 'prepare' | 'plain'];
 const opts = loop.parseArgs(['-f', file]);
 const spec = how === 'prepare' ? loop.prepare(opts) : undefined;
-const fd = spec ? (spec.queueData as { fd: number }).fd : sys.open(file, ua.O_RDWR | ua.O_DIRECT | ua.O_CLOEXEC);
+const fd = spec ? (spec.queueData as { fd: number }).fd : sys.open(file, libc.O_RDWR | libc.O_DIRECT | libc.O_CLOEXEC);
 const h = new TargetHarness(loop, opts, { fd, offset: 0 }, { depth: 8 });
 let failed = 0;
 for (let i = 0; i < 64; i++) {
@@ -34,4 +34,4 @@ const flags = parseInt(/^flags:\s+(\d+)/m.exec(readFileSync(`/proc/self/fdinfo/$
 h.close();
 if (spec) spec.release!();
 else sys.close(fd);
-console.log(JSON.stringify({ workers, nonblock: (flags & ua.O_NONBLOCK) !== 0, failed }));
+console.log(JSON.stringify({ workers, nonblock: (flags & libc.O_NONBLOCK) !== 0, failed }));

@@ -4,7 +4,7 @@
  * QueueContext a handler sees) so the target's request logic can be tested where no ublk_drv
  * exists, down to exact results, counters and SQE fields.
  */
-import { IoUring, Mapping, setUserData2 } from '../../src/uring/index.js';
+import { IoUring, Mapping, setUserData2, registerFiles, updateFiles } from '../../src/uring/index.js';
 import type { IoRequest, QueueContext, QueueHandler, TargetDefinition } from '../../src/ublk/target.js';
 
 export interface HarnessOptions {
@@ -35,7 +35,7 @@ export class TargetHarness implements QueueContext {
     this.depth = opts.depth ?? 8;
     this.bufBytes = opts.bufBytes ?? 1 << 20;
     this.ring = new IoUring(64);
-    this.ring.registerFiles(new Array<number>(16).fill(-1));
+    registerFiles(this.ring, new Array<number>(16).fill(-1));
     this.bufs = Mapping.anonymous(this.depth * this.bufBytes);
     this.counters = new Float64Array(Math.max(1, def.counters?.length ?? 0));
     this.handler = def.openQueue(options, { qid: 0, depth: this.depth, post: () => undefined, device, counters: this.counters });
@@ -44,7 +44,7 @@ export class TargetHarness implements QueueContext {
 
   registerFile(fd: number): number {
     const slot = this.files.length;
-    this.ring.updateFiles(slot, [fd]);
+    updateFiles(this.ring, slot, [fd]);
     this.files.push(fd);
     return slot;
   }

@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { totalmem } from 'node:os';
 import mem from '../../src/targets/mem.js';
-import { MAX_VIEW_BYTES } from '../../src/uring/index.js';
+import { MAX_VIEW_BYTES } from '../../src/libc/index.js';
 import {
   UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_FLUSH, UBLK_IO_OP_DISCARD, UBLK_IO_OP_WRITE_ZEROES, UBLK_IO_F_NOUNMAP,
 } from '../../src/ublk/abi.js';
@@ -26,8 +26,10 @@ function residentKb(address: number): number {
 
 t.test('options and limits', (t) => {
   t.throws(() => mem.parseArgs([]), /mem needs a size: -s SIZE/);
-  t.throws(() => mem.parseArgs(['-s', '1G', '--block-size', '1024']), /--block-size must be 512 or 4096/);
-  t.throws(() => mem.prepare(mem.parseArgs(['-s', '1000'])), /multiple of 4096/);
+  t.throws(() => mem.parseArgs(['-s', '1G', '--block-size', '8192']), /--block-size must be 512, 1024, 2048 or 4096/);
+  t.equal(mem.parseArgs(['-s', '1G', '--block-size', '1024']).blockSize, 1024);
+  t.throws(() => mem.parseArgs(['-s', '1000']), /multiple of 4096/, 'a usage error, before anything is mapped');
+  t.throws(() => mem.parseArgs(['-s', '1G', '-s', '2G']), /-s given twice/);
   const tooBig = Math.ceil((totalmem() + GiB) / GiB);
   t.throws(() => mem.prepare(mem.parseArgs(['-s', `${tooBig}G`])), /more than this machine's memory .*: choose a smaller -s/);
   t.end();
