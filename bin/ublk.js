@@ -4,7 +4,7 @@
 // worker threads need no loader at all. See "Build" in the README for the measurements.
 let cli;
 try {
-  cli = await import('../dist/cli.js');
+  cli = await import('../dist/cli/main.js');
 } catch (e) {
   if (e && e.code === 'ERR_MODULE_NOT_FOUND' && String(e.message).includes('dist')) {
     process.stderr.write('ublk: dist/ is missing: run `npm install` (or `npm run build`) in the package directory\n');

@@ -1,0 +1,176 @@
+/**
+ * `ublk add`: checks everything it can before anything exists, then starts a detached server
+ * (serve.ts) and waits until it reports the device live, failed, or neither in time.
+ *
+ * Order, so that a mistake never leaves anything behind: the command line (exit 2), then the
+ * machine (the control device, root, a free device id), then the target's own checks (its
+ * `prepare`, run once here and released: a missing backing file fails before a server starts),
+ * and only then the run directory, the log and the server.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { closeSync, existsSync, rmSync, statSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { UblkControl, UblkError } from '../ublk/control.js';
+import { UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES } from '../ublk/abi.js';
+import { MAX_IO_BYTES, MIN_IO_BYTES, specProblem } from '../ublk/params.js';
+import { DEFAULT_MAX_IO_BYTES, UBLK_MAX_DEV_ID } from '../ublk/server.js';
+import { loadTarget, targetNames } from '../targets/index.js';
+import { parseOptions, UsageError, type OptionSpec } from '../targets/options.js';
+import { RunDir } from './run-dir.js';
+import { serve, type ServeConfig, type ServeReport } from './serve.js';
+
+/** kublk spellings of features this server does not have yet: refused by name, never mistaken for ours. */
+const NOT_YET = (what: string) => `${what} is not supported by this server yet`;
+
+export const ADD_OPTIONS: readonly OptionSpec[] = [
+  { key: 'type', names: ['-t', '--type'], kind: 'string' },
+  { key: 'devId', names: ['-n', '--number'], kind: 'count', min: 0, max: UBLK_MAX_DEV_ID },
+  { key: 'queues', names: ['-q', '--queues'], kind: 'count', min: 1, max: UBLK_MAX_NR_QUEUES },
+  { key: 'depth', names: ['-d', '--depth'], kind: 'count', min: 1, max: UBLK_MAX_QUEUE_DEPTH },
+  { key: 'maxIoBytes', names: ['--max-io-bytes'], kind: 'size', min: MIN_IO_BYTES, max: MAX_IO_BYTES },
+  { key: 'foreground', names: ['--foreground'], kind: 'flag' },
+  { key: 'startTimeout', names: ['--start-timeout'], kind: 'count', min: 1, max: 86400 },
+  { key: 'b', names: ['-b'], kind: 'flag', refuse: `${NOT_YET('batch I/O (kublk\'s -b, UBLK_F_BATCH_IO)')}; the largest request size is --max-io-bytes` },
+  { key: 'r', names: ['-r', '--recovery'], kind: 'flag', refuse: `${NOT_YET('user recovery (kublk\'s -r, UBLK_F_USER_RECOVERY)')}; a read-only loop device is --read-only` },
+  { key: 'e', names: ['-e', '--recovery_fail_io'], kind: 'flag', refuse: NOT_YET('user recovery with FAIL_IO (kublk\'s -e)') },
+  { key: 'i', names: ['-i', '--recovery_reissue'], kind: 'flag', refuse: NOT_YET('user recovery with REISSUE (kublk\'s -i)') },
+  { key: 'g', names: ['-g', '--get_data'], kind: 'flag', refuse: NOT_YET('NEED_GET_DATA (kublk\'s -g)') },
+  { key: 'z', names: ['-z', '--zero_copy'], kind: 'flag', refuse: NOT_YET('zero copy (kublk\'s -z)') },
+  { key: 'u', names: ['-u', '--user_copy'], kind: 'flag', refuse: NOT_YET('user copy (kublk\'s -u)') },
+  { key: 'autoZc', names: ['--auto_zc', '--auto_zc_fallback'], kind: 'flag', refuse: NOT_YET('automatic buffer registration (kublk\'s --auto_zc)') },
+  { key: 'threads', names: ['--nthreads', '--per_io_tasks'], kind: 'flag', refuse: NOT_YET('more than one thread per queue (kublk\'s --nthreads/--per_io_tasks)') },
+];
+
+export async function add(argv: string[]): Promise<number> {
+  // 1. The command line: exit 2 for any mistake, before touching the machine.
+  const { values, rest } = parseOptions('add', argv, ADD_OPTIONS, { passUnknown: true });
+  const type = values.type as string | undefined;
+  if (!type) throw new UsageError(`add needs -t TYPE (targets: ${targetNames.join(', ')}, or a module path)`);
+  const t = await loadTarget(type);
+  if (!t) throw new UsageError(`unknown target '${type}' (targets: ${targetNames.join(', ')}, or a module path)`);
+  const cfg: ServeConfig = {
+    target: type,
+    targetOptions: t.def.parseArgs(rest),
+    devId: values.devId as number | undefined,
+    queues: (values.queues as number | undefined) ?? 1,
+    depth: (values.depth as number | undefined) ?? 128,
+    maxIoBytes: values.maxIoBytes as number | undefined,
+  };
+  if (cfg.maxIoBytes !== undefined && (cfg.maxIoBytes & (cfg.maxIoBytes - 1)) !== 0) {
+    throw new UsageError(`--max-io-bytes must be a power of two from 4K to 32M, got ${cfg.maxIoBytes}`);
+  }
+
+  // 2. The machine: the driver, root, the id.
+  const ctrl = new UblkControl(); // names the fix for a missing driver or a non-root caller
+  ctrl.close();
+  if ((process.geteuid?.() ?? 0) !== 0) {
+    throw new UblkError('adding a device needs root (unprivileged ublk devices are not supported): run as root');
+  }
+  if (cfg.devId !== undefined && existsSync(`/dev/ublkc${cfg.devId}`)) {
+    throw new UblkError(`device id ${cfg.devId} is taken (ublk list shows the devices)`);
+  }
+
+  // 3. The target's own checks, and the device's shape, before any device exists.
+  const spec = t.def.prepare(cfg.targetOptions);
+  try {
+    const problem = specProblem(spec, cfg.maxIoBytes ?? spec.maxIoBytes ?? DEFAULT_MAX_IO_BYTES);
+    if (problem) throw new UblkError(`${type}: ${problem}`);
+  } finally {
+    spec.release?.();
+  }
+
+  if (values.foreground) {
+    return serve(cfg, (id) => printDevice(id));
+  }
+  return addDetached(cfg, ((values.startTimeout as number | undefined) ?? 60) * 1000);
+}
+
+/** Prints the new device the way `list -n ID` does (set by main.ts, which owns the output). */
+let printDevice: (id: number) => void = () => undefined;
+export function setDevicePrinter(p: (id: number) => void): void {
+  printDevice = p;
+}
+
+/**
+ * Starts a detached server and waits for its report. If it does not come within `timeoutMs`,
+ * or `add` itself is interrupted, the server is told to stop (it unwinds what it made), and
+ * killed if it does not; a device it had already added is then removed here.
+ */
+async function addDetached(cfg: ServeConfig, timeoutMs: number): Promise<number> {
+  const runDir = new RunDir();
+  runDir.ensure();
+  const log = runDir.createLog();
+  const bin = fileURLToPath(new URL('../../bin/ublk.js', import.meta.url));
+  let child: ChildProcess;
+  try {
+    child = spawn(process.execPath, [...process.execArgv, bin, '__serve', JSON.stringify({ ...cfg, log: log.path })], {
+      detached: true,
+      stdio: ['ignore', log.fd, log.fd, 'ipc'],
+    });
+  } finally {
+    closeSync(log.fd);
+  }
+  let devId: number | undefined;
+  type Outcome = { ok: true; devId: number } | { ok: false; error: string; stop?: boolean };
+  let timer: NodeJS.Timeout | undefined;
+  const outcome = await new Promise<Outcome>((resolve) => {
+    timer = setTimeout(() => resolve({ ok: false, stop: true, error: `the server did not report the device ready within ${timeoutMs / 1000} s (--start-timeout); it was stopped` }), timeoutMs);
+    const onSignal = (sig: NodeJS.Signals) => resolve({ ok: false, stop: true, error: `${sig}: interrupted; the server was stopped` });
+    process.once('SIGINT', onSignal);
+    process.once('SIGTERM', onSignal);
+    child.on('message', (m: ServeReport) => {
+      if (m.kind === 'added') devId = m.devId;
+      else if (m.kind === 'ready') resolve({ ok: true, devId: m.devId });
+      else if (m.kind === 'failed') resolve({ ok: false, error: m.error });
+    });
+    child.once('exit', (code, signal) => resolve({ ok: false, error: `the server exited (${signal ?? code}) before the device was ready` }));
+    child.once('error', (e) => resolve({ ok: false, error: `the server could not be started: ${e.message}` }));
+  }).finally(() => {
+    clearTimeout(timer);
+    process.removeAllListeners('SIGINT');
+    process.removeAllListeners('SIGTERM');
+  });
+  child.removeAllListeners('message');
+  if (outcome.ok) {
+    if (child.connected) child.disconnect();
+    child.unref();
+    printDevice(outcome.devId);
+    return 0;
+  }
+  if (outcome.stop) await stopServer(child, devId);
+  if (child.connected) child.disconnect();
+  child.unref();
+  // The log is kept only if it holds something (then the message names it).
+  let logNote = '';
+  try {
+    if (statSync(log.path).size === 0) rmSync(log.path, { force: true });
+    else logNote = `; the server's log: ${log.path}`;
+  } catch { /* gone */ }
+  process.stderr.write(`ublk: ${outcome.error}${logNote}\n`);
+  return 1;
+}
+
+/** Stops a server that has not reported ready: SIGTERM (it unwinds), then SIGKILL and our own cleanup. */
+async function stopServer(child: ChildProcess, devId: number | undefined): Promise<void> {
+  const exited = new Promise<void>((r) => {
+    if (child.exitCode !== null || child.signalCode !== null) r();
+    else child.once('exit', () => r());
+  });
+  child.kill('SIGTERM');
+  const inTime = await Promise.race([exited.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 15_000))]);
+  if (inTime) return;
+  child.kill('SIGKILL');
+  await exited;
+  if (devId === undefined || !existsSync(`/dev/ublkc${devId}`)) return;
+  // The server died holding a device: remove it, as `ublk del` would.
+  const ctrl = new UblkControl();
+  try {
+    try { ctrl.stopDev(devId); } catch { /* not started */ }
+    new RunDir().removeState(devId, child.pid);
+    ctrl.delDev(devId);
+  } catch (e) {
+    process.stderr.write(`ublk: removing device ${devId} of the stopped server: ${(e as Error).message}\n`);
+  } finally {
+    ctrl.close();
+  }
+}

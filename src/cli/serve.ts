@@ -1,0 +1,150 @@
+/**
+ * The server process behind `ublk add`: creates the device, serves it until it is stopped,
+ * removes it. Detached (the usual case) it reports to the `add` that started it over the IPC
+ * channel; with --foreground it is that same process.
+ *
+ * Lifecycle rules, each one a past bug:
+ * - SIGTERM and SIGINT are handled from before ADD_DEV: a signal during creation unwinds it (no
+ *   half-made device); after, it stops and deletes the device. A second signal while that is
+ *   stuck (a target that never answers) exits at once, leaving the kernel to clean up.
+ * - The parent may die at any moment (`ublk add` killed, or its terminal closed): reporting to
+ *   it never throws, and the server goes on serving; the device is then LIVE with a live server,
+ *   as `ublk list` shows.
+ * - The state file is written after START_DEV; if that fails, the device is removed again.
+ * - The state file is removed while the device still exists (before DEL_DEV frees its id), and
+ *   only if it is ours, so it can never remove the state of a new device that took the id.
+ */
+import { UblkServer } from '../ublk/server.js';
+import { UblkError, type DevInfo } from '../ublk/control.js';
+import { loadTarget } from '../targets/index.js';
+import { RunDir, type DeviceState } from './run-dir.js';
+
+/** What a server needs to know (passed as JSON on a detached server's command line). */
+export interface ServeConfig {
+  target: string;
+  targetOptions: unknown;
+  devId?: number;
+  queues: number;
+  depth: number;
+  maxIoBytes?: number;
+  /** The detached server's log file (named in the state, so `list -v` shows it). */
+  log?: string;
+}
+
+/** What a detached server tells `ublk add`, in order: `added` (once ADD_DEV worked), then `ready` or `failed`. */
+export type ServeReport =
+  | { kind: 'added'; devId: number }
+  | { kind: 'ready'; devId: number; queues: number }
+  | { kind: 'failed'; error: string };
+
+/** Sends a report to the parent if it is still there; never throws (the parent may be gone). */
+function report(m: ServeReport): void {
+  if (!process.send || !process.connected) return;
+  try {
+    process.send(m, undefined, {}, () => { /* an error here means the parent went away: fine */ });
+  } catch {
+    // The channel closed between the check and the send.
+  }
+}
+
+const log = (line: string) => process.stderr.write(`ublk: ${line}\n`);
+
+/**
+ * Runs the server; resolves to the process's exit status. `printReady` (foreground) prints the
+ * device like `list` does once it is live.
+ */
+export async function serve(cfg: ServeConfig, printReady?: (id: number) => void): Promise<number> {
+  const runDir = new RunDir();
+  const abort = new AbortController();
+  let server: UblkServer | undefined;
+  let added: DevInfo | undefined;
+  let signals = 0;
+  const removeState = () => {
+    if (server) runDir.removeState(server.devId, process.pid);
+  };
+  const onSignal = (sig: NodeJS.Signals) => {
+    signals++;
+    const what = added ? `device ${added.devId}` : 'the device being created';
+    if (signals === 1) {
+      log(`${sig}: stopping ${what}`);
+      abort.abort();
+      server?.stop({ beforeDelete: removeState }).catch((e: Error) => log(`stopping device ${server!.devId}: ${e.message}`));
+      return;
+    }
+    // The first signal's stop is stuck (a target that never answers holds STOP_DEV or START_DEV):
+    // leave now; closing our rings makes the kernel fail the I/O we hold.
+    log(`${sig} again: exiting without waiting${added ? `; if /dev/ublkc${added.devId} remains, remove it with \`ublk del -n ${added.devId}\`` : ''}`);
+    process.exit(sig === 'SIGINT' ? 130 : 143);
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+  // The log is a file: a full file system (or a closed terminal, in the foreground) must cost us
+  // log lines, never the device.
+  process.stderr.on('error', () => { /* lose the line */ });
+  // A parent that dies closes the IPC channel; with this listener that is an event, not a crash.
+  process.on('disconnect', () => { /* serve on */ });
+
+  const t = await loadTarget(cfg.target);
+  if (!t) {
+    report({ kind: 'failed', error: `unknown target '${cfg.target}'` });
+    return 1;
+  }
+  try {
+    server = await UblkServer.start({
+      target: t.def, targetUrl: t.url, targetOptions: cfg.targetOptions,
+      devId: cfg.devId, queues: cfg.queues, depth: cfg.depth, maxIoBytes: cfg.maxIoBytes,
+      signal: abort.signal,
+      onAdded: (info) => {
+        added = info;
+        report({ kind: 'added', devId: info.devId });
+      },
+    });
+  } catch (e) {
+    const message = (e as Error).message;
+    report({ kind: 'failed', error: message });
+    if (!process.send) throw e;
+    log(message);
+    return 1;
+  }
+  const id = server.devId;
+  if (server.info.nrHwQueues < cfg.queues) {
+    log(`device ${id}: the kernel granted ${server.info.nrHwQueues} of ${cfg.queues} queues (at most one per possible CPU)`);
+  }
+  const state: DeviceState = {
+    devId: id, target: cfg.target, targetOptions: cfg.targetOptions, queues: cfg.queues, depth: cfg.depth,
+    maxIoBytes: cfg.maxIoBytes, pid: process.pid, log: cfg.log, describe: server.spec.describe,
+  };
+  try {
+    if (!abort.signal.aborted) runDir.writeState(state); // (a signal's stop is already removing the device)
+  } catch (e) {
+    // A device nobody can find the server of is worse than none: take it down again.
+    const message = `device ${id} was created, but its state file could not be written (${(e as Error).message}); it was removed again`;
+    log(message);
+    await server.stop({ beforeDelete: removeState }).catch((err: Error) => log(`removing device ${id}: ${err.message}`));
+    report({ kind: 'failed', error: message });
+    if (!process.send) throw new UblkError(message);
+    return 1;
+  }
+  if (!abort.signal.aborted) {
+    report({ kind: 'ready', devId: id, queues: server.info.nrHwQueues });
+    if (process.connected) process.disconnect?.();
+    printReady?.(id);
+  }
+
+  // Finished: stopped by a signal (which deletes the device) or by `ublk del` elsewhere.
+  let status = 0;
+  const served = await server.finished.catch((e: Error) => {
+    log(`device ${id}: a queue failed, stopping the device: ${e.message}`);
+    status = 1;
+    return -1;
+  });
+  await server.stop({ beforeDelete: removeState }).catch((e: Error) => {
+    log(`device ${id}: ${e.message}`);
+    status = 1;
+  });
+  for (const r of await server.closeReports()) {
+    if (r && !r.drained) status = 1; // the queue already said why in the log
+  }
+  log(`device ${id} stopped${served >= 0 ? ` after ${served} requests` : ''}`);
+  return status;
+}
