@@ -1,6 +1,8 @@
 #!/usr/bin/env node
 // `npm test`: every test suite this checkout can run, with one summary line at the end.
 //
+// 0. A type check of everything (tsc --noEmit -p tsconfig.check.json): sources, tests, benches
+//    and scripts. Tests and benches run through tsx, which strips types without checking them.
 // 1. Host tests (tap, test/**/*.test.ts) on the running kernel: the io_uring layer and the ABI
 //    conformance checks against real headers.
 // 2. VM tests: test/vm/*.vm.ts, compiled to build/vm, inside a VM (test/vm/runner.ts) on Linux 6.12 LTS and the newest
@@ -44,6 +46,15 @@ function count(name, r) {
   totals.fail += fail;
   totals.skip += r.skip;
   lines.push(`# ${name}: ${r.pass} passed, ${fail} failed, ${r.skip} skipped`);
+}
+
+const tc = spawnSync(process.execPath, ['node_modules/typescript/bin/tsc', '-p', 'tsconfig.check.json'], { stdio: 'inherit' });
+if (tc.status === 0) {
+  totals.pass += 1;
+  lines.push('# type check (src, test, bench, scripts): passed');
+} else {
+  totals.fail += 1;
+  lines.push('# type check (src, test, bench, scripts): FAILED (npx tsc -p tsconfig.check.json)');
 }
 
 const t0 = Date.now();
