@@ -6,7 +6,8 @@
  * Lifecycle rules, each one a past bug:
  * - SIGTERM and SIGINT are handled from before ADD_DEV: a signal during creation unwinds it (no
  *   half-made device); after, it stops and deletes the device. A second signal while that is
- *   stuck (a target that never answers) exits at once, leaving the kernel to clean up.
+ *   stuck (a target that never answers, so the kernel waits) fails every request the target
+ *   holds, which lets the kernel finish; a third exits at once.
  * - The parent may die at any moment (`ublk add` killed, or its terminal closed): reporting to
  *   it never throws, and the server goes on serving; the device is then LIVE with a live server,
  *   as `ublk list` shows.
@@ -62,6 +63,7 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   const removeState = () => {
     if (server) runDir.removeState(server.devId, process.pid);
   };
+  const force = new AbortController();
   const onSignal = (sig: NodeJS.Signals) => {
     signals++;
     const what = added ? `device ${added.devId}` : 'the device being created';
@@ -71,9 +73,16 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
       server?.stop({ beforeDelete: removeState }).catch((e: Error) => log(`stopping device ${server!.devId}: ${e.message}`));
       return;
     }
-    // The first signal's stop is stuck (a target that never answers holds STOP_DEV or START_DEV):
-    // leave now; closing our rings makes the kernel fail the I/O we hold.
-    log(`${sig} again: exiting without waiting${added ? `; if /dev/ublkc${added.devId} remains, remove it with \`ublk del -n ${added.devId}\`` : ''}`);
+    if (signals === 2) {
+      // The stop is stuck: the kernel waits for requests the target holds (START_DEV for the
+      // partition scan's reads, STOP_DEV for everything in flight) and neither can be
+      // interrupted. Answering them is the way out; exiting instead can leave this process
+      // hanging in the kernel.
+      log(`${sig} again: failing the I/O the target still holds with EIO, so the kernel can let go of ${what}`);
+      force.abort();
+      return;
+    }
+    log(`${sig} a third time: exiting without waiting${added ? `; if /dev/ublkc${added.devId} remains, remove it with \`ublk del -n ${added.devId}\`` : ''}`);
     process.exit(sig === 'SIGINT' ? 130 : 143);
   };
   process.on('SIGTERM', onSignal);
@@ -94,6 +103,7 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
       target: t.def, targetUrl: t.url, targetOptions: cfg.targetOptions,
       devId: cfg.devId, queues: cfg.queues, depth: cfg.depth, maxIoBytes: cfg.maxIoBytes,
       signal: abort.signal,
+      force: force.signal,
       onAdded: (info) => {
         added = info;
         report({ kind: 'added', devId: info.devId });

@@ -33,9 +33,12 @@ export const PROT_READ = 0x1;
 export const PROT_WRITE = 0x2;
 export const MAP_SHARED = 0x01;
 export const MAP_PRIVATE = 0x02;
+export const MAP_FIXED = 0x10;
 export const MAP_ANONYMOUS = 0x20;
 export const MAP_NORESERVE = 0x4000;
 export const MAP_POPULATE = 0x8000;
+/** Map exactly at the address given, or fail with EEXIST if anything is mapped there (4.17). */
+export const MAP_FIXED_NOREPLACE = 0x100000;
 export const MADV_DONTNEED = 4;
 export const MADV_DONTFORK = 10;
 export const MADV_DOFORK = 11;

@@ -90,7 +90,7 @@ export interface UblkQueueOptions {
   wakeFd?: number;
   /** Called when every tag has its FETCH outstanding (the owner may then START_DEV). */
   onFetched?: () => void;
-  /** Called after each wake-up; returns true to stop the queue. */
+  /** Called after each wake-up; returns true to stop the queue (it may call failHeld() first). */
   onWake?: () => boolean;
   /**
    * How long close() waits for the target's I/O to finish (default 10 s). What has not finished
@@ -211,6 +211,8 @@ export class UblkQueue implements QueueContext {
   private readonly handedOut: number[] = [];
 
   private stopRequested = false;
+  /** failHeld() was called: requests are failed instead of served, from now on. */
+  private failingAll = false;
   private draining = false;
   private closed = false;
   /** 8 bytes for draining the wake eventfd. */
@@ -307,8 +309,11 @@ export class UblkQueue implements QueueContext {
       if (this.state[tag] === TagState.Serving) this.giveUp(tag);
       return;
     }
-    if (this.state[tag] !== TagState.Serving) throw new Error(`queue ${this.qid}: tag ${tag} completed twice or never fetched`);
-    // A request whose handler threw is failed by the queue; what the target says later is moot.
+    if (this.state[tag] !== TagState.Serving) {
+      if (this.failingAll) return; // the queue already failed it (failHeld); the target answers late
+      throw new Error(`queue ${this.qid}: tag ${tag} completed twice or never fetched`);
+    }
+    // A request the queue failed (the handler threw, or failHeld) is answered; the target's word is moot.
     if (this.failed[tag]) return;
     const res = this.checkResult(tag, result);
     if (this.inFlight[tag]! > 0) {
@@ -440,6 +445,13 @@ export class UblkQueue implements QueueContext {
 
   /** Reads tag's descriptor and hands the request to the target. */
   private dispatch(tag: number): void {
+    if (this.failingAll) {
+      // Forced down (failHeld): the target gets nothing more to hold.
+      this.state[tag] = TagState.Serving;
+      this.serving++;
+      this.commit(tag, -libc.EIO);
+      return;
+    }
     const d = readIoDesc(this.desc32, tag, this.desc);
     const req = (this.requests[tag] ??= new TagRequest(tag, this.bufs.address + tag * this.maxIoBytes, this.bufs, this.maxIoBytes));
     req.op = d.op;
@@ -558,6 +570,43 @@ export class UblkQueue implements QueueContext {
   }
 
   /**
+   * Answers every request the target holds with EIO, now or as soon as its SQEs are done (they
+   * are cancelled), and every later one at once, without the target. For a device that must go
+   * away while its target sits on requests: START_DEV waits for the partition scan's reads and
+   * STOP_DEV for every request in flight, and neither can be interrupted, so only answering
+   * them lets the kernel finish (and a process that exits instead can hang in the kernel). A
+   * late answer from the target is ignored.
+   */
+  failHeld(): void {
+    if (this.failingAll || this.draining) return;
+    this.failingAll = true;
+    let failed = 0;
+    for (let tag = 0; tag < this.depth; tag++) {
+      if (this.state[tag] !== TagState.Serving || this.failed[tag]) continue;
+      failed++;
+      this.failed[tag] = 1;
+      this.deferred[tag] = 0;
+      if (this.inFlight[tag] === 0) this.commit(tag, -libc.EIO);
+    }
+    this.cancelTargetSqes(true);
+    if (failed > 0) this.log(`ublk queue ${this.qid}: failing the ${failed} request(s) the target holds, and all later ones, with EIO`);
+  }
+
+  /** Queues an ASYNC_CANCEL for every target SQE in flight (`onlyFailed`: those of failed requests). */
+  private cancelTargetSqes(onlyFailed: boolean): void {
+    // By user_data, slot by slot: IORING_ASYNC_CANCEL_ANY would also end the wake poll, through
+    // which an async target's last completions still arrive.
+    for (let slot = 0; slot < this.callbacks.length; slot++) {
+      if (this.callbacks[slot] === undefined) continue;
+      const tag = this.slotTag[slot]!;
+      if (onlyFailed && (tag < 0 || !this.failed[tag])) continue;
+      const w = this.nextSqe();
+      prepCancel2(this.ring.sqes, w, slot, KIND_TARGET, 0);
+      setUserData2(this.ring.sqes, w, slot, KIND_CANCEL);
+    }
+  }
+
+  /**
    * Serves until the device stops (every tag aborted and no target I/O in flight) or the owner
    * asks it to stop (onWake). Returns the number of requests served. Whatever way it ends,
    * normally or by an exception, call close() afterwards.
@@ -591,14 +640,7 @@ export class UblkQueue implements QueueContext {
     const busy = () => this.targetInFlight > 0 || (this.handler.onWake !== undefined && this.serving > 0);
     if (!busy()) return true;
     try {
-      // Cancel by user_data, slot by slot: IORING_ASYNC_CANCEL_ANY would also end the wake poll,
-      // through which an async target's last completions still arrive.
-      for (let slot = 0; slot < this.callbacks.length; slot++) {
-        if (this.callbacks[slot] === undefined) continue;
-        const w = this.nextSqe();
-        prepCancel2(this.ring.sqes, w, slot, KIND_TARGET, 0);
-        setUserData2(this.ring.sqes, w, slot, KIND_CANCEL);
-      }
+      this.cancelTargetSqes(false);
       const until = Date.now() + timeoutMs;
       while (busy()) {
         const left = until - Date.now();

@@ -21,7 +21,7 @@ import { CompletionRing } from './async-completion-ring.js';
 import type { AsyncBatch } from './async-queue-thread.js';
 import { siblingUrl, startWorker } from './workers.js';
 import { releaseQueueBuffers, type QueueCloseReport } from './queue.js';
-import type { QueueMessage, QueueThreadData } from './queue-thread.js';
+import { CONTROL_FAIL_HELD, CONTROL_STOP, type QueueMessage, type QueueThreadData } from './queue-messages.js';
 
 /** The largest device id ublk_drv hands out: ids are minor numbers (UBLK_MINORS = 1 << MINORBITS). */
 export const UBLK_MAX_DEV_ID = (1 << 20) - 1;
@@ -53,6 +53,12 @@ export interface ServerOptions<O> {
   onAdded?: (info: DevInfo) => void;
   /** How long a stopping queue waits for its target's I/O before keeping its buffers (default 10 s). */
   drainTimeoutMs?: number;
+  /**
+   * Aborting it (during start() or any time after) makes every queue fail the requests its
+   * target holds, and all later ones, with EIO (UblkQueue.failHeld): the way out when a target
+   * that never answers holds START_DEV or STOP_DEV in the kernel.
+   */
+  force?: AbortSignal;
 }
 
 interface QueueThread {
@@ -173,6 +179,7 @@ export class UblkServer {
           nrCounters: counterNames.length, asyncTarget: opts.asyncTarget, drainTimeoutMs: opts.drainTimeoutMs,
         }));
       }
+      opts.force?.addEventListener('abort', () => started.forEach((q) => signalQueue(q, CONTROL_FAIL_HELD)), { once: true });
       // A queue that ends before it has fetched failed; an abort ends the wait too.
       const aborted = new Promise<void>((resolve) => {
         if (signal?.aborted) resolve();
@@ -248,8 +255,8 @@ async function teardown(o: {
   const gone = (e: unknown) => e instanceof UblkError && (e.code === 'ENODEV' || e.code === 'ENOENT');
   let stopped: Promise<unknown> = Promise.resolve();
   if (o.live) stopped = o.ctrl.stopDevAsync(o.devId).then(() => undefined, (e: unknown) => (gone(e) ? undefined : e));
-  else for (const q of o.queues) wake(q, true);
-  const timer = setTimeout(() => o.queues.forEach((q) => wake(q, true)), 5000);
+  else for (const q of o.queues) signalQueue(q, CONTROL_STOP);
+  const timer = setTimeout(() => o.queues.forEach((q) => signalQueue(q, CONTROL_STOP)), 5000);
   await Promise.allSettled(o.queues.map((q) => q.exited));
   clearTimeout(timer);
   if (o.charFd >= 0) sys.close(o.charFd);
@@ -267,8 +274,9 @@ async function teardown(o: {
   if (stopError) throw stopError;
 }
 
-function wake(q: QueueThread, stop: boolean): void {
-  if (stop) Atomics.store(q.control, 0, 1);
+/** Sets `bits` in a queue's control word and wakes it to read them. */
+function signalQueue(q: QueueThread, bits: number): void {
+  Atomics.or(q.control, 0, bits);
   try {
     sys.eventfdSignal(q.wakeFd);
   } catch {
