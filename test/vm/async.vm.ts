@@ -36,3 +36,18 @@ for (const queues of [1, 2]) {
     t.notOk(exists(`/dev/ublkc${devId}`), 'and deleted its device');
   });
 }
+
+t.test('an async target whose tag buffers add up to 8 GiB (depth 256 x 32 MiB): served, not refused, no crash', async (t) => {
+  // The main thread once mapped one view over all of a queue's buffers; past 4 GiB that aborted
+  // the process after ADD_DEV. Each tag's buffer has its own view now.
+  const { devId, pid } = await startAsyncMem(['64', '1', '--depth', '256', '--max-io-bytes', String(32 * 2 ** 20)]);
+  const dev = `/dev/ublkb${devId}`;
+  const r = fio(dev, 'randwrite', {
+    bs: '1m', qd: 32, engine: 'libaio', seconds: 0,
+    extra: ['--size=32m', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--time_based=0', '--runtime=0'],
+  });
+  t.ok(r.code === 0 && r.error === 0, `1 MiB writes then verify, exit ${r.code}, error ${r.error}, ${r.ios} I/Os`);
+  process.kill(pid, 'SIGTERM');
+  t.ok(await waitFor(() => !alive(pid), 20_000), 'the server stopped');
+  t.notOk(exists(`/dev/ublkc${devId}`), 'and deleted its device');
+});

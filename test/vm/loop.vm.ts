@@ -100,7 +100,8 @@ for (const target of ['loop', 'mem'] as const) {
       t.equal(ublk('del', '-n', String(id)).code, 0, 'del');
       if (target === 'loop') {
         // The last pass's data is in the file: a new device over it must verify without writing.
-        const again = addDevice('-t', 'loop', '-f', file);
+        // (Added in kublk's form: the backing file after the options.)
+        const again = addDevice('-t', 'loop', '-q', '1', file);
         const r = fioVerify(`/dev/ublkb${again}`, { bs: '64k', engine: 'libaio', jobs: queues, total: 256 * MiB, verifyOnly: true });
         t.ok(r.code === 0 && r.error === 0 && r.verified === 256 * MiB, `after del and re-add the backing verifies: ${r.verified / MiB} MiB, exit ${r.code}, error ${r.error}`);
         t.equal(ublk('del', '-n', String(again)).code, 0);

@@ -29,16 +29,21 @@ t.test('features lists every bit GET_FEATURES reports, by name', (t) => {
   t.equal(j.features, f, `0x${f.toString(16)} as GET_FEATURES says`);
   const want = UBLK_FEATURES.filter((x) => Math.floor(f / 2 ** x.bit) % 2 === 1).map((x) => x.name);
   t.same(j.names, want, 'one UBLK_F_* name per bit');
-  t.notMatch(j.names.join(' '), /BIT|unknown/, 'no unnamed bits');
+  t.ok(j.names.every((n) => /^UBLK_F_[A-Z_]+$/.test(n)), `every bit has its C name: ${j.names.join(' ')}`);
   const text = ublk('features');
   t.match(text.stdout, new RegExp(`^ublk_drv features: 0x${f.toString(16)}\\n`), 'kublk-style header');
+  const lines = text.stdout.trim().split('\n').slice(1);
+  t.same(lines, want.map((name) => {
+    const bit = UBLK_FEATURES.find((x) => x.name === name)!.bit;
+    return `0x${(2 ** bit).toString(16).padEnd(16)}: ${name}`;
+  }), 'then kublk\'s line per bit: 0x<value padded to 16>: UBLK_F_NAME');
   t.end();
 });
 
 t.test('add, list and del with 1 and 4 queues, several devices at once', async (t) => {
   const a = addDevice('-t', 'null', '-s', '1G');
   const b = addDevice('-t', 'null', '-q', '4', '-d', '64', '-s', '2G');
-  const c = addDevice('-t', 'null', '-n', '7', '-q', '2', '-b', '1M', '--block-size', '4096');
+  const c = addDevice('-t', 'null', '-n', '7', '-q', '2', '--max-io-bytes', '1M', '--block-size', '4096');
   t.equal(c, 7, 'the id asked for');
   t.same(ublkIds(), [a, b, c].sort((x, y) => x - y));
   for (const id of [a, b, c]) t.ok(exists(`/dev/ublkb${id}`), `/dev/ublkb${id} is live`);
@@ -54,7 +59,8 @@ t.test('add, list and del with 1 and 4 queues, several devices at once', async (
   const text = ublk('list', '-n', String(b), '-v').stdout;
   t.match(text, new RegExp(`^dev id ${b}: nr_hw_queues 4 queue_depth 64 block size 512 dev_capacity 4194304\\n\\tmax rq size 524288 daemon pid \\d+ flags 0x[0-9a-f]+ state LIVE\\n`), 'kublk format');
   t.match(text, /\tqueue 3: affinity\(/, '-v shows each queue');
-  t.match(text, /\ttarget \{"name":"null"/, 'and the target');
+  t.match(text, /\ttarget null \{"size":2147483648,"block_size":512\}\n/, 'and the target, as it describes itself');
+  t.match(text, /\tlog \/run\/ublk\/log\/server-\d+-\d+\.log\n/, 'and the server\'s log');
 
   const pids = [a, b, c].map((id) => runState(id).pid);
   for (const id of [a, b, c]) t.equal(ublk('del', '-n', String(id)).code, 0, `del ${id}`);
@@ -102,7 +108,8 @@ t.test('usage errors exit 2 with one line, and leave no device behind', (t) => {
     [['add', '-t', 'null', '-q', '5000'], /-q must be from 1 to 4096/],
     [['add', '-t', 'null', '-d', '0'], /-d must be from 1 to 4096/],
     [['add', '-t', 'null', '-d', '4097'], /-d must be from 1 to 4096/],
-    [['add', '-t', 'null', '-b', '3000'], /power of two/],
+    [['add', '-t', 'null', '--max-io-bytes', '3000'], /power of two/],
+    [['add', '-t', 'null', '-b', '1M'], /batch I\/O .* --max-io-bytes/],
     [['add', '-t', 'null', '-s', 'lots'], /takes a size/],
     [['del'], /needs -n ID or -a/],
     [['frobnicate'], /unknown command/],
