@@ -27,7 +27,7 @@ export const ADD_OPTIONS: readonly OptionSpec[] = [
   { key: 'devId', names: ['-n', '--number'], kind: 'count', min: 0, max: UBLK_MAX_DEV_ID },
   { key: 'queues', names: ['-q', '--queues'], kind: 'count', min: 1, max: UBLK_MAX_NR_QUEUES },
   { key: 'depth', names: ['-d', '--depth'], kind: 'count', min: 1, max: UBLK_MAX_QUEUE_DEPTH },
-  { key: 'maxIoBytes', names: ['--max-io-bytes'], kind: 'size', min: MIN_IO_BYTES, max: MAX_IO_BYTES },
+  { key: 'maxIoBytes', names: ['--max-io-bytes'], kind: 'size' },
   { key: 'foreground', names: ['--foreground'], kind: 'flag' },
   { key: 'startTimeout', names: ['--start-timeout'], kind: 'count', min: 1, max: 86400 },
   { key: 'b', names: ['-b'], kind: 'flag', refuse: `${NOT_YET('batch I/O (kublk\'s -b, UBLK_F_BATCH_IO)')}; the largest request size is --max-io-bytes` },
@@ -56,8 +56,9 @@ export async function add(argv: string[]): Promise<number> {
     depth: (values.depth as number | undefined) ?? 128,
     maxIoBytes: values.maxIoBytes as number | undefined,
   };
-  if (cfg.maxIoBytes !== undefined && (cfg.maxIoBytes & (cfg.maxIoBytes - 1)) !== 0) {
-    throw new UsageError(`--max-io-bytes must be a power of two from 4K to 32M, got ${cfg.maxIoBytes}`);
+  const m = cfg.maxIoBytes;
+  if (m !== undefined && ((m & (m - 1)) !== 0 || m < MIN_IO_BYTES || m > MAX_IO_BYTES)) {
+    throw new UsageError(`--max-io-bytes must be a power of two from 4K to 32M, got ${m}`);
   }
 
   // 2. The machine: the driver, root, the id.

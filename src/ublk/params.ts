@@ -185,8 +185,10 @@ export function specProblem(spec: DeviceSpec, maxIoBytes: number): string | unde
   if (!Number.isSafeInteger(spec.sizeBytes) || spec.sizeBytes < lbs || spec.sizeBytes % lbs !== 0) {
     return `the device size must be a positive multiple of the logical block size ${lbs}, got ${spec.sizeBytes}`;
   }
-  if (!pow2(maxIoBytes) || maxIoBytes < MIN_IO_BYTES || maxIoBytes > MAX_IO_BYTES) {
-    return `the largest request must be a power of two from ${MIN_IO_BYTES} to ${MAX_IO_BYTES} bytes, got ${maxIoBytes}`;
+  // SET_PARAMS refuses max_sectors below a page (and ADD_DEV rounds the buffer down to pages).
+  const min = Math.max(MIN_IO_BYTES, PAGE_SIZE);
+  if (!pow2(maxIoBytes) || maxIoBytes < min || maxIoBytes > MAX_IO_BYTES) {
+    return `the largest request must be a power of two from ${min} to ${MAX_IO_BYTES} bytes, got ${maxIoBytes}`;
   }
   return undefined;
 }
