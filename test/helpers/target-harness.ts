@@ -9,8 +9,8 @@ import type { IoRequest, QueueContext, QueueHandler, TargetDefinition } from '..
 
 export interface HarnessOptions {
   depth?: number;
-  /** Bytes per tag buffer. */
-  bufBytes?: number;
+  /** Bytes per tag buffer (the device's largest request). */
+  maxIoBytes?: number;
 }
 
 export class TargetHarness implements QueueContext {
@@ -18,7 +18,7 @@ export class TargetHarness implements QueueContext {
   readonly qid = 0;
   readonly depth: number;
   readonly bufs: Mapping;
-  readonly bufBytes: number;
+  readonly maxIoBytes: number;
   readonly counters: Float64Array;
   readonly handler: QueueHandler;
   /** Results by tag, as the handler completed them. */
@@ -33,10 +33,10 @@ export class TargetHarness implements QueueContext {
 
   constructor(def: TargetDefinition<any>, options: unknown, device: unknown, opts: HarnessOptions = {}) {
     this.depth = opts.depth ?? 8;
-    this.bufBytes = opts.bufBytes ?? 1 << 20;
+    this.maxIoBytes = opts.maxIoBytes ?? 1 << 20;
     this.ring = new IoUring(64);
     registerFiles(this.ring, new Array<number>(16).fill(-1));
-    this.bufs = Mapping.anonymous(this.depth * this.bufBytes);
+    this.bufs = Mapping.anonymous(this.depth * this.maxIoBytes);
     this.counters = new Float64Array(Math.max(1, def.counters?.length ?? 0));
     this.handler = def.openQueue(options, { qid: 0, depth: this.depth, post: () => undefined, device, counters: this.counters });
     this.handler.start?.(this);
@@ -73,16 +73,16 @@ export class TargetHarness implements QueueContext {
   }
 
   /** Tag `tag`'s I/O buffer. */
-  buffer(tag: number, length = this.bufBytes): Buffer {
-    return this.bufs.bytes(tag * this.bufBytes, length);
+  buffer(tag: number, length = this.maxIoBytes): Buffer {
+    return this.bufs.bytes(tag * this.maxIoBytes, length);
   }
 
   /** Makes a request for `tag` (its buffer is the tag's) and hands it to the handler. */
   submit(tag: number, op: number, offset: number, length: number, flags = 0): void {
     const req: IoRequest = {
       tag, op, flags, offset, length,
-      buffer: this.buffer(tag, Math.min(length, this.bufBytes)),
-      address: this.bufs.address + tag * this.bufBytes,
+      buffer: this.buffer(tag, Math.min(length, this.maxIoBytes)),
+      address: this.bufs.address + tag * this.maxIoBytes,
     };
     this.results.delete(tag);
     const r = this.handler.handle(req, this);

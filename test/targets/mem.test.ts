@@ -40,7 +40,7 @@ t.test('a 2 GiB disk: data round-trips, also across the 1 GiB view boundary; mem
   t.match(spec, { sizeBytes: 2 * GiB, logicalBlockSize: 512, physicalBlockSize: 4096, discard: { granularity: 4096 } });
   const dev = spec.queueData as { address: number };
   t.ok(residentKb(dev.address) < 1024, 'nothing resident before the first write (MAP_NORESERVE, lazy)');
-  const h = new TargetHarness(mem, {}, spec.queueData, { depth: 4, bufBytes: MiB });
+  const h = new TargetHarness(mem, {}, spec.queueData, { depth: 4, maxIoBytes: MiB });
   const spots: Array<[number, number]> = [[0, 4096], [MAX_VIEW_BYTES - 2048, 8192], [2 * GiB - MiB, MiB], [12345 * 512, 512]];
   const data = spots.map(([, len]) => randomBytes(len));
   spots.forEach(([off, len], i) => {
