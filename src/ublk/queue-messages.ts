@@ -29,6 +29,12 @@ export const CONTROL_FAIL_HELD = 2;
 export type QueueMessage =
   /** Every tag has its FETCH in the kernel: START_DEV may go. Where the tag buffers are, for an async target. */
   | { kind: 'fetched'; qid: number; bufBase: number; maxIoBytes: number }
+  /**
+   * A line for the server's log. A worker's own process.stderr only hands a line on when the
+   * thread's event loop runs, and a queue thread blocks in io_uring_enter: all but the first
+   * line would wait until the queue stops. The server's thread writes it at once.
+   */
+  | { kind: 'log'; qid: number; line: string }
   /** A message of the target's own (QueueInfo.post): an async target's batch of requests. */
   | { kind: 'target'; qid: number; message: unknown }
   /** The queue stopped and released everything it could (see QueueCloseReport); the thread ends next. */

@@ -33,6 +33,7 @@ try {
     drainTimeoutMs: data.drainTimeoutMs,
     handler,
     wakeFd: data.wakeFd,
+    log: (line) => send({ kind: 'log', qid: data.qid, line }),
     onFetched: () => send({ kind: 'fetched', qid: data.qid, bufBase: queue!.bufferBase, maxIoBytes: data.maxIoBytes }),
     onWake: () => {
       const word = Atomics.load(control, 0);

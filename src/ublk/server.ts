@@ -59,6 +59,8 @@ export interface ServerOptions<O> {
    * that never answers holds START_DEV or STOP_DEV in the kernel.
    */
   force?: AbortSignal;
+  /** Where the queues' lines go (a target's nonsense answer, a throw, a drain that timed out); default stderr. */
+  log?: (line: string) => void;
 }
 
 interface QueueThread {
@@ -176,7 +178,7 @@ export class UblkServer {
       for (let qid = 0; qid < info.nrHwQueues; qid++) {
         started.push(spawnQueue({
           info, charFd, qid, targetUrl, targetOptions: opts.targetOptions ?? {}, device: spec.queueData,
-          nrCounters: counterNames.length, asyncTarget: opts.asyncTarget, drainTimeoutMs: opts.drainTimeoutMs,
+          nrCounters: counterNames.length, asyncTarget: opts.asyncTarget, drainTimeoutMs: opts.drainTimeoutMs, log: opts.log,
         }));
       }
       opts.force?.addEventListener('abort', () => started.forEach((q) => signalQueue(q, CONTROL_FAIL_HELD)), { once: true });
@@ -308,7 +310,10 @@ interface SpawnOptions {
   nrCounters: number;
   asyncTarget?: AsyncTarget;
   drainTimeoutMs?: number;
+  log?: (line: string) => void;
 }
+
+const writeStderr = (line: string) => { process.stderr.write(`${line}\n`); };
 
 function spawnQueue(o: SpawnOptions): QueueThread {
   const counters = new SharedArrayBuffer(8 * Math.max(1, o.nrCounters));
@@ -339,6 +344,7 @@ function spawnQueue(o: SpawnOptions): QueueThread {
       close: { drained: false, inFlight: 0, held: 0, bufBase: 0, bufBytes: 0 } });
     worker.on('message', (m: QueueMessage) => {
       switch (m.kind) {
+        case 'log': (o.log ?? writeStderr)(m.line); break;
         case 'target': port?.dispatch(m.message as AsyncBatch); break;
         case 'fetched': port?.attach(m.bufBase, m.maxIoBytes); onFetched(); break;
         case 'done': report = m; break;
