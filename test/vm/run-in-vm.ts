@@ -4,7 +4,7 @@
  * than tap's runner and a process per file because, under software emulation over 9p, loading
  * tap and tsx costs ~15 s per process (measured: `import('tap')` 8 s plain, 15 s through tsx).
  *
- *   npm run vm -- node --import tsx test/vm/run-in-vm.ts [FILTER]
+ *   npm run vm -- node --import tsx test/vm/run-in-vm.ts [FILTER...]   (files whose name holds any FILTER)
  */
 import { readdirSync } from 'node:fs';
 import { EXT } from './helpers.js';
@@ -13,9 +13,9 @@ import { EXT } from './helpers.js';
 // bounds itself instead (each test waits with its own limits, and the VM runner kills a hung run).
 process.env.TAP_TIMEOUT ??= '0';
 
-const filter = process.argv[2];
+const filters = process.argv.slice(2);
 const dir = new URL('.', import.meta.url);
 // Through tsx the suite is the .vm.ts files; compiled (build/vm, which CI runs) the .vm.js files.
-const files = readdirSync(dir).filter((f) => f.endsWith(`.vm${EXT}`) && (!filter || f.includes(filter))).sort();
-if (files.length === 0) throw new Error(`no VM test matches ${filter}`);
+const files = readdirSync(dir).filter((f) => f.endsWith(`.vm${EXT}`) && (filters.length === 0 || filters.some((x) => f.includes(x)))).sort();
+if (files.length === 0) throw new Error(`no VM test matches ${filters.join(' or ')}`);
 for (const f of files) await import(new URL(f, dir).href);
