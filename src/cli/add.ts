@@ -12,7 +12,7 @@ import { closeSync, existsSync, rmSync, statSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { UblkControl, UblkError } from '../ublk/control.js';
 import { UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES } from '../ublk/abi.js';
-import { MAX_IO_BYTES, MIN_IO_BYTES, specProblem } from '../ublk/params.js';
+import { isPowerOfTwo, MAX_IO_BYTES, MIN_IO_BYTES, specProblem } from '../ublk/params.js';
 import { DEFAULT_MAX_IO_BYTES, UBLK_MAX_DEV_ID } from '../ublk/server.js';
 import { loadTarget, targetNames } from '../targets/index.js';
 import { parseOptions, UsageError, type OptionSpec } from '../targets/options.js';
@@ -57,7 +57,7 @@ export async function add(argv: string[]): Promise<number> {
     maxIoBytes: values.maxIoBytes as number | undefined,
   };
   const m = cfg.maxIoBytes;
-  if (m !== undefined && ((m & (m - 1)) !== 0 || m < MIN_IO_BYTES || m > MAX_IO_BYTES)) {
+  if (m !== undefined && (!isPowerOfTwo(m) || m < MIN_IO_BYTES || m > MAX_IO_BYTES)) {
     throw new UsageError(`--max-io-bytes must be a power of two from 4K to 32M, got ${m}`);
   }
 

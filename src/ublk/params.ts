@@ -166,6 +166,9 @@ export const MAX_IO_BYTES = 2 ** UBLK_IO_BUF_BITS;
 /** The smallest request size we accept: one page (the kernel wants at least one). */
 export const MIN_IO_BYTES = 4096;
 
+/** n is 1, 2, 4, 8, ... Exact below 2^31 (bitwise operators see 32 bits); every caller bounds n below that too. */
+export const isPowerOfTwo = (n: number): boolean => Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
+
 /**
  * Why `spec` (with requests of up to `maxIoBytes`) cannot be a ublk device, or undefined if it
  * can: the rules SET_PARAMS enforces (ublk_validate_params in ublk_drv.c), checked before any
@@ -174,12 +177,11 @@ export const MIN_IO_BYTES = 4096;
 export function specProblem(spec: DeviceSpec, maxIoBytes: number): string | undefined {
   const lbs = spec.logicalBlockSize ?? SECTOR_SIZE;
   const pbs = spec.physicalBlockSize ?? lbs;
-  const pow2 = (n: number) => Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
   // The kernel refuses a logical block larger than a page (logical_bs_shift > PAGE_SHIFT).
-  if (!pow2(lbs) || lbs < SECTOR_SIZE || lbs > PAGE_SIZE) {
+  if (!isPowerOfTwo(lbs) || lbs < SECTOR_SIZE || lbs > PAGE_SIZE) {
     return `the logical block size must be a power of two from ${SECTOR_SIZE} to ${PAGE_SIZE} (this machine's page size), got ${lbs}`;
   }
-  if (!pow2(pbs) || pbs < lbs || pbs > 65536) {
+  if (!isPowerOfTwo(pbs) || pbs < lbs || pbs > 65536) {
     return `the physical block size must be a power of two from the logical block size (${lbs}) to 65536, got ${pbs}`;
   }
   if (!Number.isSafeInteger(spec.sizeBytes) || spec.sizeBytes < lbs || spec.sizeBytes % lbs !== 0) {
@@ -187,7 +189,7 @@ export function specProblem(spec: DeviceSpec, maxIoBytes: number): string | unde
   }
   // SET_PARAMS refuses max_sectors below a page (and ADD_DEV rounds the buffer down to pages).
   const min = Math.max(MIN_IO_BYTES, PAGE_SIZE);
-  if (!pow2(maxIoBytes) || maxIoBytes < min || maxIoBytes > MAX_IO_BYTES) {
+  if (!isPowerOfTwo(maxIoBytes) || maxIoBytes < min || maxIoBytes > MAX_IO_BYTES) {
     return `the largest request must be a power of two from ${min} to ${MAX_IO_BYTES} bytes, got ${maxIoBytes}`;
   }
   return undefined;

@@ -151,8 +151,7 @@ for (const drainTimeoutMs of [10_000, 500]) {
     // 64 KiB: one readahead of A, so the worker waits once (3 s), not once per window.
     const reader = spawn('python3', ['-c', DIRECT_IO, b.dev, 'read', String(MiB), String(64 * 1024)], { stdio: 'ignore' });
     // Starting python under emulation takes a while: time everything from the read's issue.
-    const deadline = Date.now() + 60_000;
-    while (b.server.counters().slow_issued !== 1 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    await waitFor(() => b.server.counters().slow_issued === 1, 60_000);
     const started = Date.now();
     const buffer = b.server.counters().slow_buffer!;
     t.ok(buffer > 0, `the slow read was issued into the tag buffer at 0x${buffer.toString(16)}`);
