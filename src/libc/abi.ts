@@ -5,7 +5,7 @@
  * these; nothing here knows of either.
  *
  * Mirrors glibc's `<sys/syscall.h>` (x86-64 `<asm/unistd_64.h>`), `<sys/mman.h>`, `<fcntl.h>`,
- * `<linux/falloc.h>`, `<linux/fs.h>` (RWF_*), `<sys/eventfd.h>`, `<poll.h>`, `<errno.h>` and
+ * `<linux/falloc.h>`, `<linux/fs.h>` (RWF_*), `<sys/prctl.h>`, `<sys/eventfd.h>`, `<poll.h>`, `<errno.h>` and
  * `<sys/vfs.h>`; checked against the system's and Debian sid's headers by
  * test/libc/conformance.test.ts, which compiles every exported number with gcc.
  *
@@ -26,6 +26,7 @@ export const SYS_eventfd2 = 290;
 export const SYS_ioctl = 16;
 export const SYS_fcntl = 72;
 export const SYS_fstatfs = 138;
+export const SYS_prctl = 157;
 
 // <sys/mman.h>
 export const PROT_NONE = 0x0;
@@ -40,6 +41,8 @@ export const MAP_POPULATE = 0x8000;
 /** Map exactly at the address given, or fail with EEXIST if anything is mapped there (4.17). */
 export const MAP_FIXED_NOREPLACE = 0x100000;
 export const MADV_DONTNEED = 4;
+/** Free the pages of a shared (tmpfs) mapping and the file's blocks behind them: a hole punch (2.6.16). */
+export const MADV_REMOVE = 9;
 export const MADV_DONTFORK = 10;
 export const MADV_DOFORK = 11;
 
@@ -68,6 +71,15 @@ export const FALLOC_FL_ZERO_RANGE = 0x10;
 // <linux/fs.h>: per-I/O flags (pwritev2, io_uring's sqe->rw_flags)
 /** This write is durable (data, and metadata needed to read it) when it completes: pwritev2's O_DSYNC per call. */
 export const RWF_DSYNC = 0x02;
+
+// <sys/prctl.h> (<linux/prctl.h>)
+/**
+ * Mark the calling thread as one that writes back memory (5.6): its allocations do not recurse into
+ * file-system reclaim (PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE), so a server backing a file system
+ * cannot deadlock waiting for its own device. Needs CAP_SYS_RESOURCE.
+ */
+export const PR_SET_IO_FLUSHER = 57;
+export const PR_GET_IO_FLUSHER = 58;
 
 // <sys/eventfd.h>
 export const EFD_SEMAPHORE = 1;

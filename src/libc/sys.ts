@@ -15,7 +15,7 @@ import { writeSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import {
   SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register, SYS_gettid, SYS_eventfd2, SYS_ioctl,
-  SYS_fcntl, SYS_fstatfs, F_GETFL, F_SETFL, statfs,
+  SYS_fcntl, SYS_fstatfs, SYS_prctl, F_GETFL, F_SETFL, statfs,
 } from './abi.js';
 
 const libc = koffi.load('libc.so.6');
@@ -207,4 +207,9 @@ export function fstatfsType(fd: number, scratch: number): number {
 /** The calling thread's kernel task id (differs per worker thread; equals the pid on the main thread). */
 export function gettid(): number {
   return Number(syscall3(SYS_gettid, 0, 0, 0));
+}
+
+/** `prctl(option, arg2)` through the raw syscall (glibc's wrapper is variadic); returns its result. */
+export function prctl(option: number, arg2: number): number {
+  return check(syscall6(SYS_prctl, option, arg2, 0, 0, 0), () => `prctl(${option}, ${arg2})`);
 }

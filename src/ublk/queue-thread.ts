@@ -6,6 +6,7 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { UblkQueue } from './queue.js';
+import { libc, sys } from '../libc/index.js';
 import type { TargetDefinition } from './target.js';
 import { CONTROL_FAIL_HELD, CONTROL_STOP, type QueueMessage, type QueueThreadData } from './queue-messages.js';
 
@@ -14,6 +15,14 @@ const port = parentPort!;
 const send = (m: QueueMessage) => port.postMessage(m);
 
 let queue: UblkQueue | undefined;
+// This thread answers the kernel's I/O: if it had to wait for memory reclaim, and reclaim had to
+// write dirty pages to our own device, the two would wait for each other. PR_SET_IO_FLUSHER keeps
+// its allocations out of I/O-issuing reclaim (per thread; needs CAP_SYS_RESOURCE).
+try {
+  sys.prctl(libc.PR_SET_IO_FLUSHER, 1);
+} catch (e) {
+  send({ kind: 'log', qid: data.qid, line: `queue ${data.qid}: cannot mark the thread as an I/O flusher (${(e as Error).message}); under memory pressure a file system on this device can deadlock with its server` });
+}
 try {
   const mod = (await import(data.targetUrl)) as { default: TargetDefinition<unknown> };
   const handler = mod.default.openQueue(data.targetOptions, {

@@ -16,6 +16,7 @@ await checkAbi(t, abi, {
     '<fcntl.h>',
     '<linux/falloc.h>',
     '<linux/fs.h>',
+    '<sys/prctl.h>',
     '<sys/eventfd.h>',
     '<poll.h>',
     '<errno.h>',
