@@ -9,8 +9,16 @@
  * queue's thread, without entering the kernel. DISCARD and WRITE_ZEROES give whole pages back
  * with madvise(MADV_DONTNEED) (they read as zeros afterwards) and zero the partial pages at the
  * edges. The mapping is unmapped by `release`, after the last queue has stopped.
+ *
+ * With user recovery (`-r 1`) the disk must survive its server: `persist` names a file in
+ * /dev/shm (tmpfs: still memory, taken as blocks are written), `prepare` creates it the first
+ * time and maps it MAP_SHARED, and the server that recovers the device maps the same file again.
+ * Pages of a shared mapping are given back with MADV_REMOVE (a hole punch in the file), since
+ * MADV_DONTNEED there only drops our view of them. `destroy` removes the file with the device.
  */
+import { fstatSync, ftruncateSync, rmSync } from 'node:fs';
 import { totalmem } from 'node:os';
+import { dirname, join } from 'node:path';
 import { Mapping, MAX_VIEW_BYTES, PAGE_SIZE, libc, sys } from '../libc/index.js';
 import {
   UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES, UBLK_IO_F_NOUNMAP,
@@ -21,13 +29,20 @@ import { blockSizeChoices, parseOptions, UsageError } from './options.js';
 export interface MemOptions {
   sizeBytes: number;
   blockSize: number;
+  /** A file (in /dev/shm) that holds the disk, so that it outlives the server (set by persist). */
+  shmFile?: string;
 }
 
 /** What the queues get (DeviceSpec.queueData): where the disk is. */
 interface MemDevice {
   address: number;
   size: number;
+  /** The memory is a shared file mapping (pages go back with MADV_REMOVE). */
+  shared: boolean;
 }
+
+/** Where persisted disks go: tmpfs, so they are memory like the anonymous kind. */
+const shmDir = () => process.env.UBLK_SHM_DIR || '/dev/shm';
 
 export default defineTarget<MemOptions>({
   name: 'mem',
@@ -50,8 +65,8 @@ export default defineTarget<MemOptions>({
       // MAP_NORESERVE would accept it, and the OOM killer would end the server once it filled.
       throw new TargetError(`mem: ${o.sizeBytes} bytes is more than this machine's memory (${totalmem()} bytes): choose a smaller -s`);
     }
-    const ram = Mapping.anonymous(o.sizeBytes, { noReserve: true });
-    const device: MemDevice = { address: ram.address, size: o.sizeBytes };
+    const ram = o.shmFile ? mapShmFile(o.shmFile, o.sizeBytes) : Mapping.anonymous(o.sizeBytes, { noReserve: true });
+    const device: MemDevice = { address: ram.address, size: o.sizeBytes, shared: o.shmFile !== undefined };
     return {
       sizeBytes: o.sizeBytes,
       logicalBlockSize: o.blockSize,
@@ -59,7 +74,7 @@ export default defineTarget<MemOptions>({
       rotational: false,
       // Nothing is cached on the way to the memory: no FLUSH needed (brd does the same).
       discard: { granularity: 4096, maxBytes: 2 ** 30, maxWriteZeroesBytes: 2 ** 30 },
-      describe: { size: o.sizeBytes, block_size: o.blockSize },
+      describe: { size: o.sizeBytes, block_size: o.blockSize, ...(o.shmFile ? { shm_file: o.shmFile } : {}) },
       queueData: device,
       release: () => ram.unmap(),
     };
@@ -68,15 +83,48 @@ export default defineTarget<MemOptions>({
   openQueue(_o, queue) {
     return new MemQueue(queue.device as MemDevice);
   },
+
+  persist(o, name) {
+    return { ...o, shmFile: join(shmDir(), `ublk-mem-${name}`) };
+  },
+
+  destroy(o) {
+    if (o.shmFile) rmSync(o.shmFile, { force: true });
+  },
 });
+
+/**
+ * Maps the disk file `path` (MAP_SHARED): created and sized the first time; mapped as it is
+ * when a recovering server finds it, which must then be the same size (or it is not this disk).
+ */
+function mapShmFile(path: string, size: number): Mapping {
+  let fd: number;
+  try {
+    fd = sys.open(path, libc.O_RDWR | libc.O_CREAT | libc.O_NOFOLLOW | libc.O_CLOEXEC, 0o600);
+  } catch (e) {
+    throw new TargetError(`mem: cannot open the disk's memory file ${path}: ${(e as Error).message} (is ${dirname(path)} a mounted tmpfs? UBLK_SHM_DIR names another directory)`);
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new TargetError(`mem: ${path} is not a regular file`);
+    if (st.size === 0) ftruncateSync(fd, size);
+    else if (st.size !== size) throw new TargetError(`mem: ${path} holds ${st.size} bytes, not the ${size} of this disk: it belongs to another device`);
+    return Mapping.file(fd, size, 0, libc.PROT_READ | libc.PROT_WRITE, false);
+  } finally {
+    sys.close(fd); // the mapping keeps the file
+  }
+}
 
 class MemQueue implements QueueHandler {
   private readonly ram: Mapping;
   /** Buffers over the disk, MAX_VIEW_BYTES each (one view cannot cover more), made on first use. */
   private readonly chunks: Buffer[] = [];
 
+  private readonly shared: boolean;
+
   constructor(device: MemDevice) {
     this.ram = Mapping.borrow(device.address, device.size);
+    this.shared = device.shared;
   }
 
   private chunk(i: number): Buffer {
@@ -119,7 +167,9 @@ class MemQueue implements QueueHandler {
     if (unmap && last > first) {
       this.fill(off, first - off);
       // MADV_DONTNEED on private anonymous memory: the pages are freed, and read as zeros after.
-      sys.madvise(this.ram.address + first, last - first, libc.MADV_DONTNEED);
+      // On a shared file mapping that would only drop our view of the pages: MADV_REMOVE
+      // punches the hole in the file itself.
+      sys.madvise(this.ram.address + first, last - first, this.shared ? libc.MADV_REMOVE : libc.MADV_DONTNEED);
       this.fill(last, off + len - last);
     } else {
       this.fill(off, len);

@@ -156,6 +156,21 @@ export interface TargetDefinition<Options = Record<string, unknown>> {
   prepare(options: Options): DeviceSpec;
   /** Queue thread: the handler for queue `qid`. */
   openQueue(options: Options, queue: QueueInfo): QueueHandler;
+  /**
+   * For a device with user recovery (`ublk add -r 1`), whose data must outlive the server that
+   * serves it: returns the options every server of the device is given, the first one and each
+   * one that recovers it after a crash (they are saved in the run directory). A target that keeps
+   * data in the server's own memory names memory that outlives the process here (mem: a file in
+   * /dev/shm, which `prepare` creates the first time and maps again on recovery). `name` is
+   * unique to the device. No side effects: `prepare` makes what the options name.
+   */
+  persist?(options: Options, name: string): Options;
+  /**
+   * The device is deleted for good: frees what {@link persist}'s options named. Called after
+   * DEL_DEV (or when creating the device failed), possibly by another process than the one that
+   * served it (`ublk del` of a device whose server is gone); calling it twice is harmless.
+   */
+  destroy?(options: Options): void;
 }
 
 /**

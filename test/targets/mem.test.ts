@@ -4,7 +4,9 @@
  */
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { totalmem } from 'node:os';
 import mem from '../../src/targets/mem.js';
 import { MAX_VIEW_BYTES } from '../../src/libc/index.js';
@@ -80,5 +82,44 @@ t.test('a 2 GiB disk: data round-trips, also across the 1 GiB view boundary; mem
   h.close();
   spec.release!();
   t.throws(() => residentKb(dev.address), /mapping not found/, 'release unmapped the disk');
+  t.end();
+});
+
+t.test('with recovery the disk is a file in the shm directory: it outlives the server that mapped it', (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'ublk-shm-'));
+  process.env.UBLK_SHM_DIR = dir;
+  t.teardown(() => {
+    delete process.env.UBLK_SHM_DIR;
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const o = mem.persist!(mem.parseArgs(['-s', '64M']), 'test-1');
+  t.equal(o.shmFile, join(dir, 'ublk-mem-test-1'), 'persist names a file, unique to the device');
+  t.notOk(existsSync(o.shmFile!), 'persist has no side effects');
+  const first = mem.prepare(o);
+  t.equal(statSync(o.shmFile!).size, 64 * MiB, 'prepare created it at the disk size');
+  let h = new TargetHarness(mem, o, first.queueData, { depth: 2, maxIoBytes: MiB });
+  const data = randomBytes(MiB);
+  data.copy(h.buffer(0));
+  t.equal(h.run(0, UBLK_IO_OP_WRITE, 8 * MiB, MiB), MiB);
+  h.close();
+  first.release!(); // the server is gone
+
+  const again = mem.prepare(o); // a recovering server
+  h = new TargetHarness(mem, o, again.queueData, { depth: 2, maxIoBytes: MiB });
+  t.equal(h.run(1, UBLK_IO_OP_READ, 8 * MiB, MiB), MiB);
+  t.ok(h.buffer(1, MiB).equals(data), 'the next server reads what the first one wrote');
+  const blocksBefore = statSync(o.shmFile!).blocks;
+  t.equal(h.run(0, UBLK_IO_OP_DISCARD, 8 * MiB, MiB), 0);
+  t.ok(statSync(o.shmFile!).blocks <= blocksBefore - (MiB / 512) + 8, 'a discard punched the pages out of the file (MADV_REMOVE)');
+  h.run(1, UBLK_IO_OP_READ, 8 * MiB, MiB);
+  t.ok(h.buffer(1, MiB).every((x) => x === 0), 'and they read as zeros');
+  h.close();
+  again.release!();
+
+  t.throws(() => mem.prepare({ ...o, sizeBytes: 128 * MiB }), /holds 67108864 bytes, not the 134217728 of this disk/, 'a file of another size is not this disk');
+  mem.destroy!(o);
+  t.notOk(existsSync(o.shmFile!), 'destroy removed the file');
+  mem.destroy!(o);
+  t.pass('destroy twice is harmless');
   t.end();
 });
