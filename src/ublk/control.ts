@@ -302,9 +302,17 @@ export class UblkControl {
     this.command('START_USER_RECOVERY', UBLK_U_CMD_START_USER_RECOVERY, { devId });
   }
 
-  /** END_USER_RECOVERY: the new server `pid` has fetched every tag again. */
+  /**
+   * END_USER_RECOVERY: the new server `pid` serves the device (6.17+ checks it is the tgid of the
+   * process that opened /dev/ublkcN). Like START_DEV it waits until every tag is fetched.
+   */
   endUserRecovery(devId: number, pid = process.pid): void {
     this.command('END_USER_RECOVERY', UBLK_U_CMD_END_USER_RECOVERY, { devId, data: pid });
+  }
+
+  /** {@link endUserRecovery} that keeps the event loop running (requests reissued at once go to async targets). */
+  async endUserRecoveryAsync(devId: number, pid = process.pid): Promise<void> {
+    await this.commandAsync('END_USER_RECOVERY', UBLK_U_CMD_END_USER_RECOVERY, { devId, data: pid });
   }
 
   /** UPDATE_SIZE (6.16, UBLK_F_UPDATE_SIZE): resizes a live device to `sectors` (512 B). */
@@ -313,10 +321,21 @@ export class UblkControl {
     this.command('UPDATE_SIZE', UBLK_U_CMD_UPDATE_SIZE, { devId, data: sectors });
   }
 
-  /** QUIESCE_DEV (6.16, UBLK_F_QUIESCE): waits up to `timeoutMs` for in-flight I/O to drain. */
+  /**
+   * QUIESCE_DEV (6.16, UBLK_F_QUIESCE on the device): new I/O is held, and once every queue has
+   * an idle tag (waiting up to `timeoutMs`; EBUSY after, and the device stays held) the server's
+   * fetches complete with UBLK_IO_RES_ABORT. The state reads LIVE until that server has let go
+   * of /dev/ublkcN; then QUIESCED (or FAIL_IO), ready for START_USER_RECOVERY.
+   */
   quiesceDev(devId: number, timeoutMs: number): void {
     this.requireFeature(UBLK_F_QUIESCE, 'QUIESCE_DEV');
     this.command('QUIESCE_DEV', UBLK_U_CMD_QUIESCE_DEV, { devId, data: timeoutMs });
+  }
+
+  /** {@link quiesceDev} from the device's own server: its event loop must keep serving meanwhile. */
+  async quiesceDevAsync(devId: number, timeoutMs: number): Promise<void> {
+    this.requireFeature(UBLK_F_QUIESCE, 'QUIESCE_DEV');
+    await this.commandAsync('QUIESCE_DEV', UBLK_U_CMD_QUIESCE_DEV, { devId, data: timeoutMs });
   }
 
   /** The ids of every ublk device on this machine (from /dev/ublkcN), sorted. */

@@ -6,13 +6,20 @@
  *   fetches, the queues release everything) -> DEL_DEV.
  *
  * Anything that fails or is interrupted (an AbortSignal) on the way up unwinds what was done, so
- * no half-created device stays behind. The main thread never blocks on the queues: it waits for
+ * no half-created device stays behind.
+ *
+ * A device added with UBLK_F_USER_RECOVERY outlives its server: when the server dies (killed, or
+ * it gave up after a queue failed), ublk_drv quiesces the disk (QUIESCED: I/O waits; FAIL_IO with
+ * UBLK_F_USER_RECOVERY_FAIL_IO: I/O fails) instead of removing it. {@link UblkServer.recover}
+ * attaches a new server: START_USER_RECOVERY (once the old server's last reference to
+ * /dev/ublkcN is gone) -> the queues fetch every tag again -> END_USER_RECOVERY (the disk is
+ * LIVE again; with REISSUE the requests the old server held are sent again). The main thread never blocks on the queues: it waits for
  * their messages on its event loop, which stays free for targets that run there.
  */
 import type { Worker } from 'node:worker_threads';
 import { SysError, libc, sys } from '../libc/index.js';
-import { UblkControl, UblkError, type DevInfo } from './control.js';
-import { UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES } from './abi.js';
+import { UblkControl, UblkError, stateName, type DevInfo } from './control.js';
+import { UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES, UBLK_S_DEV_LIVE } from './abi.js';
 import { paramsFor, specProblem } from './params.js';
 import { ANY_DEV_ID } from './wire.js';
 import type { DeviceSpec, TargetDefinition } from './target.js';
@@ -174,25 +181,7 @@ export class UblkServer {
       checkAbort();
       ctrl.setParams(info.devId, params);
       charFd = openCharDev(info.devId);
-      // The kernel caps nr_hw_queues at the number of possible CPUs: serve what it granted.
-      for (let qid = 0; qid < info.nrHwQueues; qid++) {
-        started.push(spawnQueue({
-          info, charFd, qid, targetUrl, targetOptions: opts.targetOptions ?? {}, device: spec.queueData,
-          nrCounters: counterNames.length, asyncTarget: opts.asyncTarget, drainTimeoutMs: opts.drainTimeoutMs, log: opts.log,
-        }));
-      }
-      opts.force?.addEventListener('abort', () => started.forEach((q) => signalQueue(q, CONTROL_FAIL_HELD)), { once: true });
-      // A queue that ends before it has fetched failed; an abort ends the wait too.
-      const aborted = new Promise<void>((resolve) => {
-        if (signal?.aborted) resolve();
-        signal?.addEventListener('abort', () => resolve(), { once: true });
-      });
-      await Promise.race([
-        Promise.all(started.map((q) => Promise.race([q.fetched, q.done.then((r) => {
-          throw new UblkError(`queue ${q.qid} could not start: ${r?.error ?? 'its thread ended'}`);
-        })]))),
-        aborted,
-      ]);
+      await attachQueues({ info, charFd, started, targetUrl, opts, spec, nrCounters: counterNames.length });
       checkAbort();
       // Not the blocking variant: the kernel's partition scan during START_DEV sends I/O, which
       // an async target serves on this very event loop.
@@ -213,6 +202,121 @@ export class UblkServer {
       spec.release?.();
       throw e;
     }
+  }
+
+  /**
+   * Serves device `devId` again after its server died: the device must have been added with
+   * UBLK_F_USER_RECOVERY and be waiting for a server (QUIESCED, or FAIL_IO). The target and its
+   * options must be the ones the device was served with (the CLI keeps them in its run-dir state).
+   * START_USER_RECOVERY is refused with EBUSY while the old server still holds /dev/ublkcN (a
+   * killed process releases it only once it has fully exited): it is retried until
+   * `waitForOldServerMs` (default 10 s). Failing or aborted, recover leaves the device as it found
+   * it, waiting for a server, so it can be tried again (or deleted).
+   */
+  static async recover<O>(opts: ServerOptions<O> & { devId: number; waitForOldServerMs?: number }): Promise<UblkServer> {
+    const signal = opts.signal;
+    const checkAbort = () => {
+      if (signal?.aborted) throw new UblkError(`interrupted while recovering device ${opts.devId}; it still waits for a server`, undefined, 'ABORTED');
+    };
+    const ctrl = new UblkControl();
+    let spec: DeviceSpec | undefined;
+    let charFd = -1;
+    const started: QueueThread[] = [];
+    try {
+      let info = ctrl.devInfo(opts.devId);
+      if (!(info.flags & UBLK_F_USER_RECOVERY)) {
+        throw new UblkError(`device ${opts.devId} was added without user recovery (-r 1), so it cannot be recovered: remove it with \`ublk del -n ${opts.devId}\``);
+      }
+      spec = opts.asyncTarget ?? opts.target!.prepare(opts.targetOptions as O);
+      const params = ctrl.params(opts.devId);
+      const devBytes = (params.basic?.devSectors ?? 0) * 512;
+      if (spec.sizeBytes < devBytes) {
+        throw new UblkError(`device ${opts.devId} is ${devBytes} bytes, but its target now offers only ${spec.sizeBytes}: it cannot serve the disk it had`);
+      }
+      // START_USER_RECOVERY: EBUSY while the dying server still holds the char device (or the
+      // kernel has not yet noticed it died: the device is then still LIVE).
+      const until = Date.now() + (opts.waitForOldServerMs ?? 10_000);
+      for (;;) {
+        checkAbort();
+        try {
+          ctrl.startUserRecovery(opts.devId);
+          break;
+        } catch (e) {
+          if (!(e instanceof UblkError) || e.code !== 'EBUSY' || Date.now() >= until) {
+            info = ctrl.devInfo(opts.devId);
+            if (info.state === UBLK_S_DEV_LIVE && pidAlive(info.ublksrvPid)) {
+              throw new UblkError(`device ${opts.devId} is LIVE, served by process ${info.ublksrvPid}: there is nothing to recover`);
+            }
+            throw new UblkError(`device ${opts.devId} (state ${stateName(info.state)}) could not enter recovery: ${(e as Error).message}`, 'START_USER_RECOVERY', (e as UblkError).code);
+          }
+        }
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      info = ctrl.devInfo(opts.devId);
+      const targetUrl = opts.asyncTarget ? siblingUrl(import.meta.url, 'async-queue-thread').href : opts.targetUrl!;
+      const counterNames = opts.target?.counters ?? [];
+      charFd = openCharDev(info.devId);
+      await attachQueues({ info, charFd, started, targetUrl, opts, spec, nrCounters: counterNames.length });
+      checkAbort();
+      // Like START_DEV, END_USER_RECOVERY waits until every tag is fetched; with REISSUE the
+      // held requests arrive right after, so the event loop must keep running (async targets).
+      await ctrl.endUserRecoveryAsync(info.devId);
+      return new UblkServer(ctrl, ctrl.devInfo(info.devId), spec, charFd, started, counterNames);
+    } catch (e) {
+      // Leave the device waiting for a server: stop our queues, let go of the char device.
+      for (const q of started) signalQueue(q, CONTROL_STOP);
+      await Promise.allSettled(started.map((q) => q.exited));
+      if (charFd >= 0) sys.close(charFd);
+      for (const q of started) sys.close(q.wakeFd);
+      ctrl.close();
+      spec?.release?.();
+      throw e;
+    }
+  }
+
+  /**
+   * Ends this server without stopping the device (user recovery): the queues stop serving and
+   * every reference to /dev/ublkcN is dropped, so ublk_drv quiesces the disk until another
+   * server recovers it. Requests the queues held are sent again to that server (REISSUE) or
+   * failed (without it); the target's own I/O is drained first, as in any stop.
+   */
+  leave(): Promise<void> {
+    return (this.stopping ??= (async () => {
+      try {
+        for (const q of this.queues) signalQueue(q, CONTROL_STOP);
+        await Promise.allSettled(this.queues.map((q) => q.exited));
+        sys.close(this.charFd);
+        for (const q of this.queues) sys.close(q.wakeFd);
+      } finally {
+        this.ctrl.close();
+        this.spec.release?.();
+      }
+    })());
+  }
+
+  /**
+   * Hands the device over to the next server (live upgrade): with UBLK_F_QUIESCE the kernel
+   * first lets the I/O in flight finish and holds new I/O (QUIESCE_DEV), so the next server
+   * starts with nothing outstanding; without it (or if the I/O does not drain in `timeoutMs`)
+   * this server leaves at once and the requests it held go to the next one (REISSUE) or fail.
+   * Resolves once this server has let go of the device.
+   */
+  async handOver(timeoutMs = 10_000, log: (line: string) => void = () => undefined): Promise<void> {
+    if (this.info.flags & UBLK_F_QUIESCE) {
+      try {
+        await this.ctrl.quiesceDevAsync(this.devId, timeoutMs);
+        // The fetches were aborted: the queues end on their own.
+        await this.finished.catch(() => undefined);
+      } catch (e) {
+        log(`device ${this.devId}: QUIESCE_DEV failed (${(e as Error).message}); leaving with the I/O in flight`);
+      }
+    }
+    await this.leave();
+  }
+
+  /** Whether the device was added with user recovery, so that it can outlive this server. */
+  get recoverable(): boolean {
+    return (this.info.flags & UBLK_F_USER_RECOVERY) !== 0;
   }
 
   /**
@@ -274,6 +378,48 @@ async function teardown(o: {
     }
   }
   if (stopError) throw stopError;
+}
+
+/**
+ * Starts a thread per queue the kernel granted and waits until each has fetched every tag (or
+ * until one fails, or `opts.signal` aborts). Threads are pushed on `started` as they start, so
+ * the caller's unwinding finds them all.
+ */
+async function attachQueues<O>(a: {
+  info: DevInfo; charFd: number; started: QueueThread[]; targetUrl: string; opts: ServerOptions<O>; spec: DeviceSpec; nrCounters: number;
+}): Promise<void> {
+  const { info, opts, started } = a;
+  // The kernel caps nr_hw_queues at the number of possible CPUs: serve what it granted.
+  for (let qid = 0; qid < info.nrHwQueues; qid++) {
+    started.push(spawnQueue({
+      info, charFd: a.charFd, qid, targetUrl: a.targetUrl, targetOptions: opts.targetOptions ?? {}, device: a.spec.queueData,
+      nrCounters: a.nrCounters, asyncTarget: opts.asyncTarget, drainTimeoutMs: opts.drainTimeoutMs, log: opts.log,
+    }));
+  }
+  opts.force?.addEventListener('abort', () => started.forEach((q) => signalQueue(q, CONTROL_FAIL_HELD)), { once: true });
+  // A queue that ends before it has fetched failed; an abort ends the wait too.
+  const signal = opts.signal;
+  const aborted = new Promise<void>((resolve) => {
+    if (signal?.aborted) resolve();
+    signal?.addEventListener('abort', () => resolve(), { once: true });
+  });
+  await Promise.race([
+    Promise.all(started.map((q) => Promise.race([q.fetched, q.done.then((r) => {
+      throw new UblkError(`queue ${q.qid} could not start: ${r?.error ?? 'its thread ended'}`);
+    })]))),
+    aborted,
+  ]);
+}
+
+/** Whether process `pid` exists (signal 0 is delivered to nobody, only checked). */
+export function pidAlive(pid: number): boolean {
+  if (pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
 }
 
 /** Sets `bits` in a queue's control word and wakes it to read them. */
