@@ -51,7 +51,17 @@ const usageErrors: Array<[string[], RegExp]> = [
   [['add', '-t', 'null', '--foreground=yes'], /--foreground takes no value/],
   // kublk's spellings: ours moved to long options, theirs are refused by name until supported.
   [['add', '-t', 'null', '-b', '1M'], /batch I\/O .* not supported by this server yet; the largest request size is --max-io-bytes/],
-  [['add', '-t', 'loop', '-f', '/x', '-r', '1'], /user recovery .* not supported by this server yet; a read-only loop device is --read-only/],
+  // kublk's recovery options take 0 or 1; REISSUE and FAIL_IO exclude each other.
+  [['add', '-t', 'null', '-r'], /add: -r takes a value/],
+  [['add', '-t', 'null', '-r', '2'], /-r must be from 0 to 1, got 2/],
+  [['add', '-t', 'null', '-i', '1', '-e', '1'], /-i 1 .* and -e 1 .* exclude each other/],
+  [['recover'], /recover needs -n ID/],
+  [['recover', '-n', '1', '-t', 'null'], /recover: unknown option -t/],
+  [['upgrade'], /upgrade needs -n ID/],
+  [['stop', '--safe'], /stop needs -n ID/],
+  [['quiesce', '--frob'], /quiesce: unknown option --frob/],
+  [['update_size', '-n', '1'], /update_size needs -s SIZE/],
+  [['update_size', '-n', '1', '-s', 'big'], /-s takes a size/],
   [['add', '-t', 'null', '-z'], /zero copy \(kublk's -z\) is not supported/],
   [['add', '-t', 'null', '-g'], /NEED_GET_DATA/],
   [['add', '-t', 'null', '--auto_zc'], /--auto_zc/],
@@ -96,6 +106,8 @@ t.test('what is accepted: 0 and 00 alike, --name=value, kublk\'s positional back
     ['add', '-t', 'loop', '--offset=4096', '/a'],
     ['add', '-t', 'null', '--queues=2', '--depth', '64', '-s', '1G', '--block-size', '4096'],
     ['add', '--type=mem', '-s', '64M'],
+    ['add', '-t', 'mem', '-s', '64M', '-r', '1', '-i', '1'],
+    ['add', '-t', 'null', '-r', '0', '-e', '0', '--no_auto_part_scan'],
   ]) {
     const r = run(...args);
     if (existsSync('/dev/ublk-control')) t.not(r.status, 2, `ublk ${args.join(' ')}: ${r.stderr.trim()}`);

@@ -8,10 +8,13 @@
  * and only then the run directory, the log and the server.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { closeSync, existsSync, rmSync, statSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { UblkControl, UblkError } from '../ublk/control.js';
-import { UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES } from '../ublk/abi.js';
+import {
+  UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES,
+} from '../ublk/abi.js';
 import { isPowerOfTwo, MAX_IO_BYTES, MIN_IO_BYTES, specProblem } from '../ublk/params.js';
 import { DEFAULT_MAX_IO_BYTES, UBLK_MAX_DEV_ID } from '../ublk/server.js';
 import { loadTarget, targetNames } from '../targets/index.js';
@@ -31,9 +34,14 @@ export const ADD_OPTIONS: readonly OptionSpec[] = [
   { key: 'foreground', names: ['--foreground'], kind: 'flag' },
   { key: 'startTimeout', names: ['--start-timeout'], kind: 'count', min: 1, max: 86400 },
   { key: 'b', names: ['-b'], kind: 'flag', refuse: `${NOT_YET('batch I/O (kublk\'s -b, UBLK_F_BATCH_IO)')}; the largest request size is --max-io-bytes` },
-  { key: 'r', names: ['-r', '--recovery'], kind: 'flag', refuse: `${NOT_YET('user recovery (kublk\'s -r, UBLK_F_USER_RECOVERY)')}; a read-only loop device is --read-only` },
-  { key: 'e', names: ['-e', '--recovery_fail_io'], kind: 'flag', refuse: NOT_YET('user recovery with FAIL_IO (kublk\'s -e)') },
-  { key: 'i', names: ['-i', '--recovery_reissue'], kind: 'flag', refuse: NOT_YET('user recovery with REISSUE (kublk\'s -i)') },
+  // kublk's spellings, each taking 0 or 1: -r 1 user recovery (I/O waits while no server runs),
+  // -i 1 also REISSUE (requests the dead server held are sent to the next one), -e 1 FAIL_IO
+  // instead (I/O fails at once while no server runs).
+  { key: 'recovery', names: ['-r', '--recovery'], kind: 'count', min: 0, max: 1 },
+  { key: 'reissue', names: ['-i', '--recovery_reissue'], kind: 'count', min: 0, max: 1 },
+  { key: 'failIo', names: ['-e', '--recovery_fail_io'], kind: 'count', min: 0, max: 1 },
+  // UBLK_F_NO_AUTO_PART_SCAN (7.0): the kernel does not read the partition table at START_DEV.
+  { key: 'noPartScan', names: ['--no_auto_part_scan', '--no-part-scan'], kind: 'flag' },
   { key: 'g', names: ['-g', '--get_data'], kind: 'flag', refuse: NOT_YET('NEED_GET_DATA (kublk\'s -g)') },
   { key: 'z', names: ['-z', '--zero_copy'], kind: 'flag', refuse: NOT_YET('zero copy (kublk\'s -z)') },
   { key: 'u', names: ['-u', '--user_copy'], kind: 'flag', refuse: NOT_YET('user copy (kublk\'s -u)') },
@@ -48,13 +56,14 @@ export async function add(argv: string[]): Promise<number> {
   if (!type) throw new UsageError(`add needs -t TYPE (targets: ${targetNames.join(', ')}, or a module path)`);
   const t = await loadTarget(type);
   if (!t) throw new UsageError(`unknown target '${type}' (targets: ${targetNames.join(', ')}, or a module path)`);
-  const cfg: ServeConfig = {
+  const cfg: ServeConfig & { flags: number } = {
     target: type,
     targetOptions: t.def.parseArgs(rest),
     devId: values.devId as number | undefined,
     queues: (values.queues as number | undefined) ?? 1,
     depth: (values.depth as number | undefined) ?? 128,
     maxIoBytes: values.maxIoBytes as number | undefined,
+    flags: recoveryFlags(values) | (values.noPartScan ? UBLK_F_NO_AUTO_PART_SCAN : 0),
   };
   const m = cfg.maxIoBytes;
   if (m !== undefined && (!isPowerOfTwo(m) || m < MIN_IO_BYTES || m > MAX_IO_BYTES)) {
@@ -70,20 +79,61 @@ export async function add(argv: string[]): Promise<number> {
   if (cfg.devId !== undefined && existsSync(`/dev/ublkc${cfg.devId}`)) {
     throw new UblkError(`device id ${cfg.devId} is taken (ublk list shows the devices)`);
   }
+  if (cfg.flags & UBLK_F_NO_AUTO_PART_SCAN) {
+    const probe = new UblkControl();
+    try {
+      probe.requireFeature(UBLK_F_NO_AUTO_PART_SCAN, '--no_auto_part_scan');
+    } finally {
+      probe.close();
+    }
+  }
+  if (cfg.flags & UBLK_F_USER_RECOVERY) {
+    const probe = new UblkControl();
+    try {
+      if (cfg.flags & UBLK_F_USER_RECOVERY_FAIL_IO) probe.requireFeature(UBLK_F_USER_RECOVERY_FAIL_IO, '-e 1');
+      if (cfg.flags & UBLK_F_USER_RECOVERY_REISSUE) probe.requireFeature(UBLK_F_USER_RECOVERY_REISSUE, '-i 1');
+      probe.requireFeature(UBLK_F_USER_RECOVERY, '-r 1');
+      // As kublk does: where the kernel can quiesce a device (6.16), a recoverable one can be
+      // handed to a new server without failing or reissuing I/O (`ublk upgrade`).
+      if (probe.features() & UBLK_F_QUIESCE) cfg.flags |= UBLK_F_QUIESCE;
+    } finally {
+      probe.close();
+    }
+    // What the target keeps must outlive this server (mem's disk): the options say where.
+    if (t.def.persist) cfg.targetOptions = t.def.persist(cfg.targetOptions, randomBytes(8).toString('hex'));
+  }
 
   // 3. The target's own checks, and the device's shape, before any device exists.
-  const spec = t.def.prepare(cfg.targetOptions);
+  let ok = false;
   try {
-    const problem = specProblem(spec, cfg.maxIoBytes ?? spec.maxIoBytes ?? DEFAULT_MAX_IO_BYTES);
-    if (problem) throw new UblkError(`${type}: ${problem}`);
+    const spec = t.def.prepare(cfg.targetOptions);
+    try {
+      const problem = specProblem(spec, cfg.maxIoBytes ?? spec.maxIoBytes ?? DEFAULT_MAX_IO_BYTES);
+      if (problem) throw new UblkError(`${type}: ${problem}`);
+    } finally {
+      spec.release?.();
+    }
+    const status = values.foreground
+      ? await serve(cfg, (id) => printDevice(id))
+      : await startDetached(cfg, ((values.startTimeout as number | undefined) ?? 60) * 1000);
+    ok = status === 0;
+    return status;
   } finally {
-    spec.release?.();
+    // A device that was never made keeps nothing (the server also frees it when it unwinds).
+    if (!ok && !values.foreground) t.def.destroy?.(cfg.targetOptions);
   }
+}
 
-  if (values.foreground) {
-    return serve(cfg, (id) => printDevice(id));
+/** The UBLK_F_* bits of -r/-i/-e (kublk: -i 1 and -e 1 imply -r 1). */
+function recoveryFlags(values: Record<string, unknown>): number {
+  let flags = 0;
+  if (values.recovery === 1) flags |= UBLK_F_USER_RECOVERY;
+  if (values.reissue === 1) flags |= UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
+  if (values.failIo === 1) flags |= UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_FAIL_IO;
+  if ((flags & UBLK_F_USER_RECOVERY_REISSUE) && (flags & UBLK_F_USER_RECOVERY_FAIL_IO)) {
+    throw new UsageError('-i 1 (reissue held I/O to the next server) and -e 1 (fail I/O while no server runs) exclude each other');
   }
-  return addDetached(cfg, ((values.startTimeout as number | undefined) ?? 60) * 1000);
+  return flags;
 }
 
 /** Prints the new device the way `list -n ID` does (set by main.ts, which owns the output). */
@@ -94,10 +144,11 @@ export function setDevicePrinter(p: (id: number) => void): void {
 
 /**
  * Starts a detached server and waits for its report. If it does not come within `timeoutMs`,
- * or `add` itself is interrupted, the server is told to stop (it unwinds what it made), and
- * killed if it does not; a device it had already added is then removed here.
+ * or the caller itself is interrupted, the server is told to stop (it unwinds what it made), and
+ * killed if it does not; a device it had already added is then removed here (never one it was
+ * recovering: that one goes back to waiting for a server).
  */
-async function addDetached(cfg: ServeConfig, timeoutMs: number): Promise<number> {
+export async function startDetached(cfg: ServeConfig, timeoutMs: number): Promise<number> {
   const runDir = new RunDir();
   runDir.ensure();
   const log = runDir.createLog();
@@ -138,7 +189,7 @@ async function addDetached(cfg: ServeConfig, timeoutMs: number): Promise<number>
     printDevice(outcome.devId);
     return 0;
   }
-  if (outcome.stop) await stopServer(child, devId);
+  if (outcome.stop) await stopServer(child, cfg.recover ? undefined : devId);
   if (child.connected) child.disconnect();
   child.unref();
   // The log is kept only if it holds something (then the message names it).

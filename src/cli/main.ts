@@ -4,15 +4,18 @@
  * machine format. Every command parses its options the same way (targets/options.ts): unknown
  * or repeated options are errors, exit status 2, one line.
  */
-import { readFileSync } from 'node:fs';
+import { closeSync, constants as fsConstants, openSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { UblkControl, UblkError, stateName, type DevInfo, type DevParams } from '../ublk/control.js';
 import { TargetError } from '../ublk/target.js';
-import { UBLK_FEATURES, ublkFeatureNames } from '../ublk/abi.js';
-import { UBLK_MAX_DEV_ID } from '../ublk/server.js';
+import {
+  UBLK_FEATURES, ublkFeatureNames, UBLK_F_QUIESCE, UBLK_F_SAFE_STOP_DEV, UBLK_F_UPDATE_SIZE, UBLK_F_USER_RECOVERY,
+  UBLK_F_USER_RECOVERY_REISSUE, UBLK_S_DEV_LIVE,
+} from '../ublk/abi.js';
+import { UBLK_MAX_DEV_ID, pidAlive } from '../ublk/server.js';
 import { loadTarget, targetNames } from '../targets/index.js';
 import { parseOptions, UsageError } from '../targets/options.js';
 import { SysError } from '../libc/index.js';
-import { add, setDevicePrinter } from './add.js';
+import { add, setDevicePrinter, startDetached } from './add.js';
 import { serve, type ServeConfig } from './serve.js';
 import { RunDir, type DeviceState } from './run-dir.js';
 
@@ -26,8 +29,21 @@ commands:
   add -t TYPE [-n ID] [-q QUEUES] [-d DEPTH] [--max-io-bytes BYTES] [--foreground]
       [--start-timeout SECONDS] [target options]
                           create /dev/ublkbID served by a background process (or this one)
-  del -n ID | -a [--async]
-                          stop and delete one device or all of them
+      [-r 1 | -i 1 | -e 1]  user recovery: the device outlives its server (I/O waits;
+                          -i: requests the server held are sent again; -e: I/O fails)
+  del -n ID | -a [--async] [--safe]
+                          stop and delete one device or all of them (--safe: not while
+                          the disk is open or mounted)
+  stop -n ID [--safe]     stop a device (its server then deletes it)
+  recover -n ID [--foreground] [--start-timeout SECONDS]
+                          serve a device whose server died, with the target and options
+                          it was added with
+  upgrade -n ID [--start-timeout SECONDS]
+                          replace a device's server by a new one (this ublk's code)
+                          without the device going away
+  quiesce -n ID           QUIESCE_DEV: the server exits, the device waits for recover
+  update_size -n ID -s SIZE
+                          change a live device's capacity (bytes, or with K/M/G/T)
   list [-n ID] [-v] [--json]
                           show devices
   features [--json]       the ublk features this kernel supports
@@ -67,6 +83,16 @@ export async function main(argv: string[]): Promise<number> {
         return await add(rest);
       case 'del':
         return await del(rest);
+      case 'stop':
+        return await stop(rest);
+      case 'recover':
+        return await recover(rest);
+      case 'upgrade':
+        return await upgrade(rest);
+      case 'quiesce':
+        return await quiesce(rest);
+      case 'update_size':
+        return await updateSize(rest);
       case 'list':
         return list(rest);
       case 'features':
@@ -107,6 +133,7 @@ async function del(argv: string[]): Promise<number> {
   const { values } = parseOptions('del', argv, [
     { key: 'all', names: ['-a', '--all'], kind: 'flag' },
     { key: 'async', names: ['--async'], kind: 'flag' },
+    { key: 'safe', names: ['--safe'], kind: 'flag' },
     ...idOption(),
   ]);
   const all = values.all === true;
@@ -120,11 +147,15 @@ async function del(argv: string[]): Promise<number> {
     for (const id of ids) {
       const st = runDir.readState(id);
       try {
-        ctrl.stopDev(id);
+        if (values.safe) safeStop(ctrl, id);
+        else ctrl.stopDev(id);
         // Before DEL_DEV: until it returns the id is still this device's, so the state file
         // cannot be a new device's yet (and it is removed only if it names this server).
         if (st) runDir.removeState(id, st.pid);
         ctrl.delDev(id, values.async === true);
+        // What the target kept beyond its server (mem's disk file): its server frees it too, if
+        // it still runs; one whose server is gone has nobody else to do it.
+        if (st) await destroyTargetData(st);
       } catch (e) {
         // With -a, a device that vanished meanwhile is not an error.
         if (all && e instanceof UblkError && (e.code === 'ENODEV' || e.code === 'ENOENT')) continue;
@@ -138,6 +169,237 @@ async function del(argv: string[]): Promise<number> {
     ctrl.close();
   }
   return status;
+}
+
+/** Frees what a device's target kept beyond its server (TargetDefinition.destroy). */
+async function destroyTargetData(st: DeviceState): Promise<void> {
+  try {
+    (await loadTarget(st.target))?.def.destroy?.(st.targetOptions);
+  } catch (e) {
+    process.stderr.write(`ublk: freeing what target ${st.target} kept for device ${st.devId}: ${(e as Error).message}\n`);
+  }
+}
+
+/**
+ * `stop --safe`: the device is stopped only if nobody uses its disk. TRY_STOP_DEV (Linux 7.0,
+ * UBLK_F_SAFE_STOP_DEV) makes the kernel check that atomically; older kernels get our own
+ * check, which is not atomic (an opener can come between it and STOP_DEV): holders (device
+ * mapper, md), an exclusive open (mounts, swap), and every process's open files.
+ */
+function safeStop(ctrl: UblkControl, id: number): void {
+  const info = ctrl.devInfo(id);
+  if (info.flags & UBLK_F_SAFE_STOP_DEV) {
+    try {
+      ctrl.tryStopDev(id);
+    } catch (e) {
+      if (e instanceof UblkError && e.code === 'EBUSY') throw new UblkError(`device ${id}: /dev/ublkb${id} is open or mounted, so it was not stopped (--safe): ${diskUsers(id).join(', ') || 'close it first'}`);
+      throw e;
+    }
+    return;
+  }
+  const users = diskUsers(id);
+  if (users.length) throw new UblkError(`device ${id}: /dev/ublkb${id} is in use (${users.join(', ')}), so it was not stopped (--safe)`);
+  ctrl.stopDev(id);
+}
+
+/** Who uses /dev/ublkbN: holders, an exclusive opener (a mount), processes with it open. */
+function diskUsers(id: number): string[] {
+  const disk = `ublkb${id}`;
+  const users: string[] = [];
+  try {
+    for (const h of readdirSync(`/sys/block/${disk}/holders`)) users.push(`held by ${h}`);
+  } catch { /* no such disk */ }
+  try {
+    closeSync(openSync(`/dev/${disk}`, fsConstants.O_RDONLY | fsConstants.O_EXCL | fsConstants.O_NONBLOCK));
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EBUSY') users.push('mounted or opened exclusively');
+  }
+  let pids: string[] = [];
+  try { pids = readdirSync('/proc').filter((n) => /^\d+$/.test(n)); } catch { /* no /proc */ }
+  for (const pid of pids) {
+    let fds: string[] = [];
+    try { fds = readdirSync(`/proc/${pid}/fd`); } catch { continue; }
+    for (const fd of fds) {
+      let target = '';
+      try { target = readlinkSync(`/proc/${pid}/fd/${fd}`); } catch { continue; }
+      if (target === `/dev/${disk}`) {
+        let comm = '?';
+        try { comm = readFileSync(`/proc/${pid}/comm`, 'utf8').trim(); } catch { /* gone */ }
+        users.push(`open by ${comm} (pid ${pid})`);
+        break;
+      }
+    }
+  }
+  return users;
+}
+
+async function stop(argv: string[]): Promise<number> {
+  const { values } = parseOptions('stop', argv, [{ key: 'safe', names: ['--safe'], kind: 'flag' }, ...idOption()]);
+  const id = requireId('stop', values);
+  const ctrl = new UblkControl();
+  try {
+    if (values.safe) safeStop(ctrl, id);
+    else ctrl.stopDev(id);
+  } finally {
+    ctrl.close();
+  }
+  return 0;
+}
+
+function requireId(cmd: string, values: Record<string, unknown>): number {
+  if (values.id === undefined) throw new UsageError(`${cmd} needs -n ID`);
+  return values.id as number;
+}
+
+/** The saved state of device `id`, or an error that says why it cannot be had. */
+function savedState(cmd: string, id: number): DeviceState {
+  const st = new RunDir().readState(id);
+  if (!st) {
+    throw new UblkError(`${cmd}: device ${id} has no saved state in ${new RunDir().path} (it was not added by this ublk, or the run directory was cleared), so its target and options are unknown`);
+  }
+  return st;
+}
+
+/**
+ * `recover -n ID`: serves a device whose server died, with the target, options and queue shape
+ * the state file saved (kublk wants the whole add command line again; ublksrv and we do not).
+ */
+async function recover(argv: string[]): Promise<number> {
+  const { values } = parseOptions('recover', argv, [
+    { key: 'foreground', names: ['--foreground'], kind: 'flag' },
+    { key: 'startTimeout', names: ['--start-timeout'], kind: 'count', min: 1, max: 86400 },
+    ...idOption(),
+  ]);
+  const id = requireId('recover', values);
+  const st = savedState('recover', id);
+  const ctrl = new UblkControl();
+  try {
+    const info = ctrl.devInfo(id);
+    if (!(info.flags & UBLK_F_USER_RECOVERY)) {
+      throw new UblkError(`device ${id} was added without user recovery (-r 1): it cannot be recovered; \`ublk del -n ${id}\` removes it`);
+    }
+    if (info.state === UBLK_S_DEV_LIVE && pidAlive(info.ublksrvPid)) {
+      throw new UblkError(`device ${id} is LIVE, served by process ${info.ublksrvPid}: there is nothing to recover (\`ublk upgrade -n ${id}\` replaces a running server)`);
+    }
+  } finally {
+    ctrl.close();
+  }
+  const cfg: ServeConfig = {
+    target: st.target, targetOptions: st.targetOptions, devId: id, queues: st.queues, depth: st.depth,
+    maxIoBytes: st.maxIoBytes, flags: st.flags, recover: true,
+  };
+  if (values.foreground) return serve(cfg, (n) => list(['-n', String(n)]));
+  return startDetached(cfg, ((values.startTimeout as number | undefined) ?? 60) * 1000);
+}
+
+/**
+ * `upgrade -n ID`: the device's server is replaced by a new one running this ublk's code, and
+ * the disk stays. The old server is told to hand the device over (SIGUSR2): with QUIESCE_DEV
+ * (Linux 6.16, the device added with UBLK_F_QUIESCE, which `add -r 1` asks for where the kernel
+ * has it) the kernel first lets the I/O in flight finish and holds new I/O; without it the
+ * requests the old server held are sent again to the new one, which needs REISSUE (`-i 1`).
+ * Then the new server recovers the device. I/O waits meanwhile; the stall is printed.
+ */
+async function upgrade(argv: string[]): Promise<number> {
+  const { values } = parseOptions('upgrade', argv, [
+    { key: 'startTimeout', names: ['--start-timeout'], kind: 'count', min: 1, max: 86400 },
+    ...idOption(),
+  ]);
+  const id = requireId('upgrade', values);
+  const st = savedState('upgrade', id);
+  const ctrl = new UblkControl();
+  const began = Date.now();
+  let how: string;
+  try {
+    const info = ctrl.devInfo(id);
+    if (!(info.flags & UBLK_F_USER_RECOVERY)) {
+      throw new UblkError(`device ${id} was added without user recovery (-r 1): its disk would go away with its server, so it cannot be upgraded`);
+    }
+    if (!pidAlive(st.pid)) throw new UblkError(`device ${id} has no running server (process ${st.pid} is gone): \`ublk recover -n ${id}\` serves it`);
+    if (info.flags & UBLK_F_QUIESCE) {
+      how = 'quiesced (QUIESCE_DEV)';
+    } else if (info.flags & UBLK_F_USER_RECOVERY_REISSUE) {
+      how = 'without QUIESCE_DEV (Linux 6.16, or a device added without it): the requests the old server held were reissued';
+    } else {
+      throw new UblkError(`device ${id}: without QUIESCE_DEV (Linux 6.16) an upgrade must reissue the requests the old server holds, and the device was added without -i 1; they would fail`);
+    }
+    // The server hands the device over itself (UblkServer.handOver), and exits.
+    process.kill(st.pid, 'SIGUSR2');
+  } finally {
+    ctrl.close();
+  }
+  await waitForExit(st.pid, 30_000);
+  if (pidAlive(st.pid)) throw new UblkError(`device ${id}: the old server (process ${st.pid}) did not exit within 30 s`);
+  const cfg: ServeConfig = {
+    target: st.target, targetOptions: st.targetOptions, devId: id, queues: st.queues, depth: st.depth,
+    maxIoBytes: st.maxIoBytes, flags: st.flags, recover: true,
+  };
+  const status = await startDetached(cfg, ((values.startTimeout as number | undefined) ?? 60) * 1000);
+  if (status === 0) {
+    const now = new RunDir().readState(id);
+    process.stderr.write(`ublk: device ${id} upgraded: server ${st.pid} -> ${now?.pid ?? '?'}, ${how}; the hand-over took ${Date.now() - began} ms\n`);
+  }
+  return status;
+}
+
+/**
+ * `quiesce -n ID` (kublk): QUIESCE_DEV with a 10 s drain; the server exits and the device waits,
+ * QUIESCED, for `ublk recover`. Our own server is asked to do it (SIGUSR2), so that it knows to
+ * leave rather than delete the device; one of another program's gets the bare command.
+ */
+async function quiesce(argv: string[]): Promise<number> {
+  const { values } = parseOptions('quiesce', argv, [...idOption()]);
+  const id = requireId('quiesce', values);
+  const ctrl = new UblkControl();
+  try {
+    if (!(ctrl.devInfo(id).flags & UBLK_F_QUIESCE)) {
+      ctrl.requireFeature(UBLK_F_QUIESCE, 'quiesce');
+      throw new UblkError(`device ${id} was added without UBLK_F_QUIESCE (add -r 1 asks for it on kernels that have it)`);
+    }
+    const st = new RunDir().readState(id);
+    if (!st || !pidAlive(st.pid)) {
+      ctrl.quiesceDev(id, 10_000);
+      return 0;
+    }
+    process.kill(st.pid, 'SIGUSR2');
+    await waitForExit(st.pid, 30_000);
+    if (pidAlive(st.pid)) throw new UblkError(`device ${id}: its server (process ${st.pid}) did not let go within 30 s`);
+  } finally {
+    ctrl.close();
+  }
+  return 0;
+}
+
+/**
+ * `update_size -n ID -s SIZE` (kublk; SIZE in bytes, units allowed): UPDATE_SIZE (Linux 6.16)
+ * changes the live disk's capacity. The target is asked first whether it can serve that size
+ * (loop: the backing file must have grown to it); the saved state follows, so that a recovering
+ * server serves the new size.
+ */
+async function updateSize(argv: string[]): Promise<number> {
+  const { values } = parseOptions('update_size', argv, [{ key: 'size', names: ['-s', '--size'], kind: 'size' }, ...idOption()]);
+  const id = requireId('update_size', values);
+  const size = values.size as number | undefined;
+  if (size === undefined) throw new UsageError('update_size needs -s SIZE');
+  const runDir = new RunDir();
+  const st = runDir.readState(id);
+  const ctrl = new UblkControl();
+  try {
+    ctrl.requireFeature(UBLK_F_UPDATE_SIZE, 'update_size');
+    const bs = 2 ** (ctrl.params(id).basic?.logicalBsShift ?? 9);
+    if (size % bs !== 0) throw new UsageError(`update_size: -s ${size} is not a multiple of device ${id}'s block size ${bs}`);
+    let options = st?.targetOptions;
+    if (st) {
+      const t = await loadTarget(st.target);
+      if (!t?.def.resize) throw new UblkError(`device ${id}: target ${st.target} cannot change its size`);
+      options = t.def.resize(st.targetOptions, size);
+    }
+    ctrl.updateSize(id, size / 512);
+    if (st) runDir.writeState({ ...st, targetOptions: options, describe: { ...st.describe, size } });
+  } finally {
+    ctrl.close();
+  }
+  return 0;
 }
 
 /** `-n ID`, checked against the kernel's limit on device ids. */
@@ -169,6 +431,8 @@ function deviceJson(info: DevInfo, params: DevParams | undefined, state: DeviceS
     daemon_pid: info.ublksrvPid,
     flags: info.flags,
     state: stateName(info.state),
+    /** A server serves the device (false: QUIESCED or FAIL_IO, waiting for `ublk recover`). */
+    server: info.state === UBLK_S_DEV_LIVE && pidAlive(info.ublksrvPid),
     ublkc: `/dev/ublkc${info.devId}`,
     ublkb: `/dev/ublkb${info.devId}`,
     target: state ? { name: state.target, options: state.targetOptions, describe: state.describe } : undefined,
@@ -210,6 +474,11 @@ function list(argv: string[]): number {
       // kublk / ublksrv dialect.
       out(`dev id ${d.dev_id}: nr_hw_queues ${d.nr_hw_queues} queue_depth ${d.queue_depth} block size ${d.block_size ?? 0} dev_capacity ${d.dev_capacity ?? 0}\n`);
       out(`\tmax rq size ${d.max_rq_size} daemon pid ${d.daemon_pid} flags 0x${d.flags.toString(16)} state ${d.state}\n`);
+      if (!d.server) {
+        out(d.flags & UBLK_F_USER_RECOVERY
+          ? `\tno server: \`ublk recover -n ${d.dev_id}\` serves it again, \`ublk del -n ${d.dev_id}\` removes it\n`
+          : `\tno server: \`ublk del -n ${d.dev_id}\` removes it\n`);
+      }
       if (values.verbose) {
         for (let q = 0; q < info.nrHwQueues; q++) {
           let aff = '';

@@ -29,6 +29,8 @@ export interface DeviceState {
   queues: number;
   depth: number;
   maxIoBytes?: number;
+  /** The UBLK_F_* flags the device was added with (user recovery). */
+  flags?: number;
   /** The server process. */
   pid: number;
   /** Its log file, for a detached server. */

@@ -14,9 +14,18 @@
  * - The state file is written after START_DEV; if that fails, the device is removed again.
  * - The state file is removed while the device still exists (before DEL_DEV frees its id), and
  *   only if it is ours, so it can never remove the state of a new device that took the id.
+ *
+ * A device with user recovery (`-r 1`) outlives this process. The server then never deletes it
+ * on its own account: if a queue fails it gets out of the way (UblkServer.leave) so the device
+ * waits, QUIESCED, for `ublk recover`, and its state file stays for that. SIGUSR2 (sent by
+ * `ublk upgrade` and `ublk quiesce`) hands the device over: QUIESCE_DEV where the device has it,
+ * then the server leaves. If the queues end because someone else quiesced the device and it
+ * already reads QUIESCED, it leaves too. SIGTERM and SIGINT still stop and delete the device:
+ * that is what the operator asked for.
  */
 import { UblkServer } from '../ublk/server.js';
-import { UblkError, type DevInfo } from '../ublk/control.js';
+import { UblkControl, UblkError, type DevInfo } from '../ublk/control.js';
+import { UBLK_S_DEV_QUIESCED } from '../ublk/abi.js';
 import { loadTarget } from '../targets/index.js';
 import { RunDir, type DeviceState } from './run-dir.js';
 
@@ -28,6 +37,10 @@ export interface ServeConfig {
   queues: number;
   depth: number;
   maxIoBytes?: number;
+  /** UBLK_F_* flags for ADD_DEV (user recovery and its variants). */
+  flags?: number;
+  /** Recover device `devId` (whose server died) instead of adding one. */
+  recover?: boolean;
   /** The detached server's log file (named in the state, so `list -v` shows it). */
   log?: string;
 }
@@ -63,6 +76,7 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   const removeState = () => {
     if (server) runDir.removeState(server.devId, process.pid);
   };
+  let leaving = false;
   const force = new AbortController();
   const onSignal = (sig: NodeJS.Signals) => {
     signals++;
@@ -87,6 +101,16 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
+  process.on('SIGUSR2', () => {
+    if (!server?.recoverable) {
+      log(`SIGUSR2: ${server ? `device ${server.devId} has no user recovery (-r 1): it would die with this server, so the server stays` : 'not serving yet'}`);
+      return;
+    }
+    if (leaving) return;
+    log(`SIGUSR2: handing device ${server.devId} over to the next server (\`ublk recover -n ${server.devId}\`)`);
+    leaving = true;
+    server.handOver(10_000, log).catch((e: Error) => log(`leaving device ${server!.devId}: ${e.message}`));
+  });
   // The log is a file: a full file system (or a closed terminal, in the foreground) must cost us
   // log lines, never the device.
   process.stderr.on('error', () => { /* lose the line */ });
@@ -98,19 +122,29 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
     report({ kind: 'failed', error: `unknown target '${cfg.target}'` });
     return 1;
   }
+  const destroy = () => {
+    try {
+      t.def.destroy?.(cfg.targetOptions);
+    } catch (e) {
+      log(`freeing what the target kept for the device: ${(e as Error).message}`);
+    }
+  };
   try {
-    server = await UblkServer.start({
-      target: t.def, targetUrl: t.url, targetOptions: cfg.targetOptions,
-      devId: cfg.devId, queues: cfg.queues, depth: cfg.depth, maxIoBytes: cfg.maxIoBytes,
-      signal: abort.signal,
-      force: force.signal,
-      onAdded: (info) => {
-        added = info;
-        report({ kind: 'added', devId: info.devId });
-      },
-    });
+    const common = { target: t.def, targetUrl: t.url, targetOptions: cfg.targetOptions, signal: abort.signal, force: force.signal };
+    server = cfg.recover
+      ? await UblkServer.recover({ ...common, devId: cfg.devId! })
+      : await UblkServer.start({
+        ...common,
+        devId: cfg.devId, queues: cfg.queues, depth: cfg.depth, maxIoBytes: cfg.maxIoBytes, flags: cfg.flags,
+        onAdded: (info) => {
+          added = info;
+          report({ kind: 'added', devId: info.devId });
+        },
+      });
+    if (cfg.recover) added = server.info;
   } catch (e) {
     const message = (e as Error).message;
+    if (!cfg.recover) destroy(); // the device was unwound: nothing of it may stay
     report({ kind: 'failed', error: message });
     if (!process.send) throw e;
     log(message);
@@ -122,7 +156,7 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   }
   const state: DeviceState = {
     devId: id, target: cfg.target, targetOptions: cfg.targetOptions, queues: cfg.queues, depth: cfg.depth,
-    maxIoBytes: cfg.maxIoBytes, pid: process.pid, log: cfg.log, describe: server.spec.describe,
+    maxIoBytes: cfg.maxIoBytes, flags: cfg.flags, pid: process.pid, log: cfg.log, describe: server.spec.describe,
   };
   try {
     if (!abort.signal.aborted) runDir.writeState(state); // (a signal's stop is already removing the device)
@@ -141,14 +175,32 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
     printReady?.(id);
   }
 
-  // Finished: stopped by a signal (which deletes the device) or by `ublk del` elsewhere.
+  // Finished: stopped by a signal (which deletes the device), by `ublk del` elsewhere, or, for a
+  // device with user recovery, quiesced or left to the next server.
   let status = 0;
   const served = await server.finished.catch((e: Error) => {
-    log(`device ${id}: a queue failed, stopping the device: ${e.message}`);
+    if (server!.recoverable) {
+      log(`device ${id}: a queue failed: ${e.message}`);
+      leaving = true;
+    } else {
+      log(`device ${id}: a queue failed, stopping the device: ${e.message}`);
+    }
     status = 1;
     return -1;
   });
-  await server.stop({ beforeDelete: removeState }).catch((e: Error) => {
+  if (!leaving && server.recoverable && !abort.signal.aborted && quiesced(id)) {
+    log(`device ${id} was quiesced (QUIESCE_DEV)`);
+    leaving = true;
+  }
+  if (leaving) {
+    await server.leave().catch((e: Error) => {
+      log(`device ${id}: ${e.message}`);
+      status = 1;
+    });
+    log(`device ${id} left to the next server${served >= 0 ? ` after ${served} requests` : ''}: \`ublk recover -n ${id}\` serves it again, \`ublk del -n ${id}\` removes it`);
+    return status;
+  }
+  await server.stop({ beforeDelete: removeState }).then(destroy, (e: Error) => {
     log(`device ${id}: ${e.message}`);
     status = 1;
   });
@@ -157,4 +209,16 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   }
   log(`device ${id} stopped${served >= 0 ? ` after ${served} requests` : ''}`);
   return status;
+}
+
+/** Whether device `id` is QUIESCED (by QUIESCE_DEV, or because its queues lost their server). */
+function quiesced(id: number): boolean {
+  const ctrl = new UblkControl();
+  try {
+    return ctrl.devInfo(id).state === UBLK_S_DEV_QUIESCED;
+  } catch {
+    return false; // gone: deleted by `ublk del`
+  } finally {
+    ctrl.close();
+  }
 }

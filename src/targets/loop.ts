@@ -120,6 +120,18 @@ export default defineTarget<LoopOptions>({
   openQueue(_o, queue) {
     return new LoopQueue(queue.device as LoopDevice, queue.counters);
   },
+
+  resize(o, sizeBytes) {
+    // The new size must fit the backing as it is now (grow the file first, then the device).
+    const resized = { ...o, sizeBytes };
+    const b = openBacking(resized);
+    try {
+      deviceSpec(resized, b);
+    } finally {
+      sys.close(b.fd);
+    }
+    return resized;
+  },
 });
 
 function deviceSpec(o: LoopOptions, b: Backing): DeviceSpec {

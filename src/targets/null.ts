@@ -26,6 +26,10 @@ export default defineTarget<NullOptions>({
     }
     return o;
   },
+  resize(o, sizeBytes) {
+    return { ...o, sizeBytes };
+  },
+
   prepare(o) {
     return { sizeBytes: o.sizeBytes, logicalBlockSize: o.blockSize, describe: { size: o.sizeBytes, block_size: o.blockSize } };
   },

@@ -166,6 +166,13 @@ export interface TargetDefinition<Options = Record<string, unknown>> {
    */
   persist?(options: Options, name: string): Options;
   /**
+   * `ublk update_size`: the live device is about to become `sizeBytes` large. Throws a
+   * TargetError if the target cannot serve that (loop: its backing file has not grown that far);
+   * returns the options a recovering server should be given for the new size. A target without
+   * it cannot change size.
+   */
+  resize?(options: Options, sizeBytes: number): Options;
+  /**
    * The device is deleted for good: frees what {@link persist}'s options named. Called after
    * DEL_DEV (or when creating the device failed), possibly by another process than the one that
    * served it (`ublk del` of a device whose server is gone); calling it twice is harmless.
