@@ -20,6 +20,7 @@ import { DEFAULT_MAX_IO_BYTES, UBLK_MAX_DEV_ID } from '../ublk/server.js';
 import { loadTarget, targetNames } from '../targets/index.js';
 import { parseOptions, UsageError, type OptionSpec } from '../targets/options.js';
 import { RunDir } from './run-dir.js';
+import { checkName, deviceNamed, saveDevice } from './saved.js';
 import { serve, type ServeConfig, type ServeReport } from './serve.js';
 
 /** kublk spellings of features this server does not have yet: refused by name, never mistaken for ours. */
@@ -33,6 +34,8 @@ export const ADD_OPTIONS: readonly OptionSpec[] = [
   { key: 'maxIoBytes', names: ['--max-io-bytes'], kind: 'size' },
   { key: 'foreground', names: ['--foreground'], kind: 'flag' },
   { key: 'startTimeout', names: ['--start-timeout'], kind: 'count', min: 1, max: 86400 },
+  // Ours: declare the device under NAME (`ublk up NAME` makes it again), linked by that name.
+  { key: 'save', names: ['--save'], kind: 'string' },
   { key: 'b', names: ['-b'], kind: 'flag', refuse: `${NOT_YET('batch I/O (kublk\'s -b, UBLK_F_BATCH_IO)')}; the largest request size is --max-io-bytes` },
   // kublk's spellings, each taking 0 or 1: -r 1 user recovery (I/O waits while no server runs),
   // -i 1 also REISSUE (requests the dead server held are sent to the next one), -e 1 FAIL_IO
@@ -64,6 +67,7 @@ export async function add(argv: string[]): Promise<number> {
     depth: (values.depth as number | undefined) ?? 128,
     maxIoBytes: values.maxIoBytes as number | undefined,
     flags: recoveryFlags(values) | (values.noPartScan ? UBLK_F_NO_AUTO_PART_SCAN : 0),
+    name: values.save === undefined ? undefined : checkName(values.save as string),
   };
   const m = cfg.maxIoBytes;
   if (m !== undefined && (!isPowerOfTwo(m) || m < MIN_IO_BYTES || m > MAX_IO_BYTES)) {
@@ -78,6 +82,10 @@ export async function add(argv: string[]): Promise<number> {
   }
   if (cfg.devId !== undefined && existsSync(`/dev/ublkc${cfg.devId}`)) {
     throw new UblkError(`device id ${cfg.devId} is taken (ublk list shows the devices)`);
+  }
+  if (cfg.name !== undefined) {
+    const other = deviceNamed(cfg.name);
+    if (other) throw new UblkError(`the name ${cfg.name} is device ${other.devId}'s (\`ublk down ${cfg.name}\` removes it)`);
   }
   if (cfg.flags & UBLK_F_NO_AUTO_PART_SCAN) {
     const probe = new UblkControl();
@@ -113,15 +121,40 @@ export async function add(argv: string[]): Promise<number> {
     } finally {
       spec.release?.();
     }
-    const status = values.foreground
-      ? await serve(cfg, (id) => printDevice(id))
-      : await startDetached(cfg, ((values.startTimeout as number | undefined) ?? 60) * 1000);
+    // The declaration (--save): this command line without what only concerns this one run,
+    // written once the device is live.
+    const save = () => {
+      if (cfg.name === undefined) return;
+      const path = saveDevice({ name: cfg.name, args: withoutOptions(argv, ['--save', '--foreground', '--start-timeout']) });
+      process.stderr.write(`ublk: saved as ${path}: \`ublk up ${cfg.name}\` brings it back\n`);
+    };
+    if (values.foreground) {
+      return await serve(cfg, (id) => {
+        ok = true;
+        save();
+        printDevice(id);
+      });
+    }
+    const status = await startDetached(cfg, ((values.startTimeout as number | undefined) ?? 60) * 1000);
     ok = status === 0;
+    if (ok) save();
     return status;
   } finally {
     // A device that was never made keeps nothing (the server also frees it when it unwinds).
     if (!ok && !values.foreground) t.def.destroy?.(cfg.targetOptions);
   }
+}
+
+/** `argv` without the options named in `drop` (and their values). */
+function withoutOptions(argv: string[], drop: string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    const name = a.startsWith('--') && a.includes('=') ? a.slice(0, a.indexOf('=')) : a;
+    if (!drop.includes(name)) out.push(a);
+    else if (name === a && name !== '--foreground') i++; // its value
+  }
+  return out;
 }
 
 /** The UBLK_F_* bits of -r/-i/-e (kublk: -i 1 and -e 1 imply -r 1). */

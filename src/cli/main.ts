@@ -18,6 +18,7 @@ import { SysError } from '../libc/index.js';
 import { add, setDevicePrinter, startDetached } from './add.js';
 import { serve, type ServeConfig } from './serve.js';
 import { RunDir, type DeviceState } from './run-dir.js';
+import { deviceNamed, loadSaved, savedDevices } from './saved.js';
 
 const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -44,6 +45,9 @@ commands:
   quiesce -n ID           QUIESCE_DEV: the server exits, the device waits for recover
   update_size -n ID -s SIZE
                           change a live device's capacity (bytes, or with K/M/G/T)
+  up [NAME | -a]          bring saved devices up (add ... --save NAME declares one): added,
+                          or recovered if their server died
+  down [NAME | -a]        stop and delete saved devices (the declarations stay)
   list [-n ID] [-v] [--json]
                           show devices
   features [--json]       the ublk features this kernel supports
@@ -93,6 +97,10 @@ export async function main(argv: string[]): Promise<number> {
         return await quiesce(rest);
       case 'update_size':
         return await updateSize(rest);
+      case 'up':
+        return await up(rest);
+      case 'down':
+        return await down(rest);
       case 'list':
         return list(rest);
       case 'features':
@@ -286,7 +294,7 @@ async function recover(argv: string[]): Promise<number> {
   }
   const cfg: ServeConfig = {
     target: st.target, targetOptions: st.targetOptions, devId: id, queues: st.queues, depth: st.depth,
-    maxIoBytes: st.maxIoBytes, flags: st.flags, recover: true,
+    maxIoBytes: st.maxIoBytes, flags: st.flags, name: st.name, recover: true,
   };
   if (values.foreground) return serve(cfg, (n) => list(['-n', String(n)]));
   return startDetached(cfg, ((values.startTimeout as number | undefined) ?? 60) * 1000);
@@ -332,7 +340,7 @@ async function upgrade(argv: string[]): Promise<number> {
   if (pidAlive(st.pid)) throw new UblkError(`device ${id}: the old server (process ${st.pid}) did not exit within 30 s`);
   const cfg: ServeConfig = {
     target: st.target, targetOptions: st.targetOptions, devId: id, queues: st.queues, depth: st.depth,
-    maxIoBytes: st.maxIoBytes, flags: st.flags, recover: true,
+    maxIoBytes: st.maxIoBytes, flags: st.flags, name: st.name, recover: true,
   };
   const status = await startDetached(cfg, ((values.startTimeout as number | undefined) ?? 60) * 1000);
   if (status === 0) {
@@ -400,6 +408,50 @@ async function updateSize(argv: string[]): Promise<number> {
     ctrl.close();
   }
   return 0;
+}
+
+function savedNames(cmd: string, argv: string[]): string[] {
+  const { values, positional } = parseOptions(cmd, argv, [{ key: 'all', names: ['-a', '--all'], kind: 'flag' }], { positional: 1 });
+  if (values.all && positional.length) throw new UsageError(`${cmd} takes NAME or -a, not both`);
+  if (!values.all && !positional.length) throw new UsageError(`${cmd} needs a NAME or -a`);
+  return values.all ? savedDevices().map((d) => d.name) : [loadSaved(positional[0]!).name];
+}
+
+/**
+ * `up [NAME|-a]`: each saved device is made to serve: left alone if its server runs, recovered
+ * if its server died and it has user recovery, otherwise (re)added with its saved command line.
+ */
+async function up(argv: string[]): Promise<number> {
+  let status = 0;
+  for (const name of savedNames('up', argv)) {
+    const st = deviceNamed(name);
+    let r: number;
+    if (st && pidAlive(st.pid)) {
+      out(`${name}: up (device ${st.devId}, server ${st.pid})\n`);
+      continue;
+    } else if (st && (st.flags ?? 0) & UBLK_F_USER_RECOVERY) {
+      r = await recover(['-n', String(st.devId)]);
+    } else {
+      if (st) await del(['-n', String(st.devId)]); // a device left without its server and no way back
+      r = await add([...loadSaved(name).args, '--save', name]);
+    }
+    if (r !== 0) {
+      process.stderr.write(`ublk: ${name}: could not be brought up\n`);
+      status = 1;
+    }
+  }
+  return status;
+}
+
+/** `down [NAME|-a]`: stops and deletes the saved devices that are up; their declarations stay. */
+async function down(argv: string[]): Promise<number> {
+  let status = 0;
+  for (const name of savedNames('down', argv)) {
+    const st = deviceNamed(name);
+    if (!st) continue;
+    if ((await del(['-n', String(st.devId)])) !== 0) status = 1;
+  }
+  return status;
 }
 
 /** `-n ID`, checked against the kernel's limit on device ids. */

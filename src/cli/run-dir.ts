@@ -31,6 +31,8 @@ export interface DeviceState {
   maxIoBytes?: number;
   /** The UBLK_F_* flags the device was added with (user recovery). */
   flags?: number;
+  /** Its saved name (`add --save NAME`). */
+  name?: string;
   /** The server process. */
   pid: number;
   /** Its log file, for a detached server. */

@@ -28,6 +28,7 @@ import { UblkControl, UblkError, type DevInfo } from '../ublk/control.js';
 import { UBLK_S_DEV_QUIESCED } from '../ublk/abi.js';
 import { loadTarget } from '../targets/index.js';
 import { RunDir, type DeviceState } from './run-dir.js';
+import { BY_NAME_DIR, linkName, unlinkName } from './saved.js';
 
 /** What a server needs to know (passed as JSON on a detached server's command line). */
 export interface ServeConfig {
@@ -39,6 +40,8 @@ export interface ServeConfig {
   maxIoBytes?: number;
   /** UBLK_F_* flags for ADD_DEV (user recovery and its variants). */
   flags?: number;
+  /** The device's saved name (`add --save NAME`): linked in /dev/disk/by-ublk-name while served. */
+  name?: string;
   /** Recover device `devId` (whose server died) instead of adding one. */
   recover?: boolean;
   /** The detached server's log file (named in the state, so `list -v` shows it). */
@@ -74,7 +77,9 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   let added: DevInfo | undefined;
   let signals = 0;
   const removeState = () => {
-    if (server) runDir.removeState(server.devId, process.pid);
+    if (!server) return;
+    if (cfg.name !== undefined) unlinkName(cfg.name, server.devId);
+    runDir.removeState(server.devId, process.pid);
   };
   let leaving = false;
   const force = new AbortController();
@@ -156,7 +161,7 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   }
   const state: DeviceState = {
     devId: id, target: cfg.target, targetOptions: cfg.targetOptions, queues: cfg.queues, depth: cfg.depth,
-    maxIoBytes: cfg.maxIoBytes, flags: cfg.flags, pid: process.pid, log: cfg.log, describe: server.spec.describe,
+    maxIoBytes: cfg.maxIoBytes, flags: cfg.flags, name: cfg.name, pid: process.pid, log: cfg.log, describe: server.spec.describe,
   };
   try {
     if (!abort.signal.aborted) runDir.writeState(state); // (a signal's stop is already removing the device)
@@ -168,6 +173,13 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
     report({ kind: 'failed', error: message });
     if (!process.send) throw new UblkError(message);
     return 1;
+  }
+  if (cfg.name !== undefined && !abort.signal.aborted) {
+    try {
+      linkName(cfg.name, id);
+    } catch (e) {
+      log(`device ${id}: cannot link ${BY_NAME_DIR}/${cfg.name}: ${(e as Error).message}`);
+    }
   }
   if (!abort.signal.aborted) {
     report({ kind: 'ready', devId: id, queues: server.info.nrHwQueues });

@@ -4,11 +4,11 @@
  *
  * Every test drives the real CLI, as an operator would. The crash loop runs UBLK_RECOVER_CYCLES
  * kills per target (default 3 in `npm test`; the issue's full count is 20) and the upgrade loop
- * UBLK_UPGRADE_CYCLES upgrades (default 3; full 10).
+ * UBLK_UPGRADE_CYCLES upgrades (default 3; full 10). Saved devices (up/down) are tested last.
  */
 import t from 'tap';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, openSync, closeSync, readSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, openSync, closeSync, readSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { UblkControl } from '../../src/ublk/control.js';
@@ -16,7 +16,7 @@ import {
   UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_QUIESCE, UBLK_F_UPDATE_SIZE, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO,
   UBLK_F_SAFE_STOP_DEV,
 } from '../../src/ublk/abi.js';
-import { addDevice, alive, parseFio, ublk, ublkIds, waitFor, EXT, type FioResult } from './helpers.js';
+import { addDevice, alive, parseFio, ublk, ublkIds, waitFor, EXT, ROOT, type FioResult } from './helpers.js';
 
 const MiB = 2 ** 20;
 const CYCLES = Number(process.env.UBLK_RECOVER_CYCLES ?? 3);
@@ -350,5 +350,49 @@ t.test('queue threads are I/O flushers (PR_SET_IO_FLUSHER: PF_MEMALLOC_NOIO | PF
   }
   t.equal(flushers, 2, 'both queue threads, and no other thread');
   t.equal(ublk('del', '-n', String(id)).code, 0);
+  t.end();
+});
+
+t.test('saved devices: add --save NAME, a stable link by name, up and down as the systemd unit runs them', async (t) => {
+  process.env.UBLK_CONFIG_DIR = join(work, 'devices');
+  t.teardown(() => { delete process.env.UBLK_CONFIG_DIR; });
+  // The unit's commands, with %i filled in; `/usr/bin/env ublk` is this checkout's CLI.
+  const unit = readFileSync(join(ROOT, 'systemd', 'ublk@.service'), 'utf8');
+  const command = (key: string, name: string) => {
+    const line = unit.split('\n').find((l) => l.startsWith(`${key}=/usr/bin/env ublk `))!;
+    return line.slice(`${key}=/usr/bin/env ublk `.length).replace('%i', name).split(' ');
+  };
+  t.same(command('ExecStart', 'disk1'), ['up', 'disk1']);
+  t.same(command('ExecStop', 'disk1'), ['down', 'disk1']);
+
+  const id = addDevice('-t', 'mem', '-s', '32M', '-r', '1', '-i', '1', '--save', 'disk1');
+  const link = '/dev/disk/by-ublk-name/disk1';
+  t.equal(readlinkSync(link), `../../ublkb${id}`, 'the name links to the disk');
+  t.ok(existsSync(join(work, 'devices', 'disk1.json')), 'the declaration was saved');
+  t.match(ublk('add', '-t', 'null', '--save', 'disk1').stderr, new RegExp(`the name disk1 is device ${id}'s`), 'a name serves one device');
+  const write = spawnSync('python3', ['-c', 'import os,sys; fd=os.open(sys.argv[1],os.O_WRONLY); os.pwrite(fd,b"saved!"*100,0); os.fsync(fd)', link]);
+  t.equal(write.status, 0, 'written through the link');
+
+  let r = ublk(...command('ExecStart', 'disk1'));
+  t.match(r.stdout, new RegExp(`disk1: up \\(device ${id}, server \\d+\\)`), 'up of a device that is up changes nothing');
+  await killServer(t, id);
+  r = ublk(...command('ExecStart', 'disk1'));
+  t.equal(r.code, 0, `up after its server died: ${r.stderr}`);
+  t.equal(listed(id).state, 'LIVE', 'recovered, same id');
+  const read = spawnSync('python3', ['-c', 'import os,sys; fd=os.open(sys.argv[1],os.O_RDONLY); print(os.pread(fd,6,0).decode())', link], { encoding: 'utf8' });
+  t.equal(read.stdout.trim(), 'saved!', 'with its data');
+
+  r = ublk(...command('ExecStop', 'disk1'));
+  t.equal(r.code, 0, `down: ${r.stderr}`);
+  t.same(ublkIds(), [], 'down removed the device');
+  t.notOk(existsSync(link), 'and its link');
+  t.ok(existsSync(join(work, 'devices', 'disk1.json')), 'the declaration stays');
+  r = ublk('up', '-a');
+  t.equal(r.code, 0, `up -a: ${r.stderr}`);
+  t.equal(ublkIds().length, 1, 'the saved device is made again');
+  t.ok(existsSync(link), 'under its name');
+  t.equal(ublk('down', '-a').code, 0);
+  t.same(ublkIds(), []);
+  t.match(ublk('up', 'nosuch').stderr, /no saved device 'nosuch'/);
   t.end();
 });
