@@ -16,12 +16,17 @@
  *   only if it is ours, so it can never remove the state of a new device that took the id.
  *
  * A device with user recovery (`-r 1`) outlives this process. The server then never deletes it
- * on its own account: if a queue fails it gets out of the way (UblkServer.leave) so the device
- * waits, QUIESCED, for `ublk recover`, and its state file stays for that. SIGUSR2 (sent by
- * `ublk upgrade` and `ublk quiesce`) hands the device over: QUIESCE_DEV where the device has it,
- * then the server leaves. If the queues end because someone else quiesced the device and it
- * already reads QUIESCED, it leaves too. SIGTERM and SIGINT still stop and delete the device:
- * that is what the operator asked for.
+ * on its own account, and its state file stays for `ublk recover`:
+ * - SIGUSR2 (sent by `ublk upgrade` and `ublk quiesce`) hands the device over: QUIESCE_DEV
+ *   drains it, the queues end, the server leaves (UblkServer.handOver).
+ * - A queue that fails, or a hand-over without QUIESCE_DEV (Linux < 6.16), must leave with
+ *   requests in flight. The server then ends the way a crash does, with SIGKILL to itself, and
+ *   lets the kernel requeue (REISSUE) or fail them. Measured on 6.12: queue threads that exit one
+ *   by one with requests in flight can leave ublk_drv's quiesce work waiting forever for
+ *   requests nobody will answer (hung tasks, a device that never reaches QUIESCED); the whole
+ *   process dying at once is the path the kill -9 recovery loop proves.
+ * - If the queues end because someone else quiesced the device, it leaves too.
+ * SIGTERM and SIGINT still stop and delete the device: that is what the operator asked for.
  */
 import { UblkServer } from '../ublk/server.js';
 import { UblkControl, UblkError, type DevInfo } from '../ublk/control.js';
@@ -114,7 +119,11 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
     if (leaving) return;
     log(`SIGUSR2: handing device ${server.devId} over to the next server (\`ublk recover -n ${server.devId}\`)`);
     leaving = true;
-    server.handOver(10_000, log).catch((e: Error) => log(`leaving device ${server!.devId}: ${e.message}`));
+    const id = server.devId;
+    server.handOver(10_000, log).then(
+      (quiesced) => { if (!quiesced) crash(id, 'it cannot be quiesced (QUIESCE_DEV: Linux 6.16)'); },
+      (e: Error) => crash(id, e.message),
+    );
   });
   // The log is a file: a full file system (or a closed terminal, in the foreground) must cost us
   // log lines, never the device.
@@ -191,9 +200,9 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   // device with user recovery, quiesced or left to the next server.
   let status = 0;
   const served = await server.finished.catch((e: Error) => {
-    if (server!.recoverable) {
+    if (server!.recoverable && !leaving) {
       log(`device ${id}: a queue failed: ${e.message}`);
-      leaving = true;
+      crash(id, 'a queue failed');
     } else {
       log(`device ${id}: a queue failed, stopping the device: ${e.message}`);
     }
@@ -221,6 +230,17 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   }
   log(`device ${id} stopped${served >= 0 ? ` after ${served} requests` : ''}`);
   return status;
+}
+
+/**
+ * Leaves a recoverable device the way a crash does: SIGKILL to this process, so every queue
+ * thread, ring and reference to /dev/ublkcN goes at once and ublk_drv requeues (REISSUE) or
+ * fails the requests this server held. Never returns.
+ */
+function crash(id: number, why: string): never {
+  log(`device ${id}: ${why}; leaving it to the next server at once, as a crash would (\`ublk recover -n ${id}\` serves it again, \`ublk del -n ${id}\` removes it)`);
+  process.kill(process.pid, 'SIGKILL');
+  throw new Error('unreachable');
 }
 
 /** Whether device `id` is QUIESCED (by QUIESCE_DEV, or because its queues lost their server). */

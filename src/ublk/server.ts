@@ -295,23 +295,25 @@ export class UblkServer {
   }
 
   /**
-   * Hands the device over to the next server (live upgrade): with UBLK_F_QUIESCE the kernel
-   * first lets the I/O in flight finish and holds new I/O (QUIESCE_DEV), so the next server
-   * starts with nothing outstanding; without it (or if the I/O does not drain in `timeoutMs`)
-   * this server leaves at once and the requests it held go to the next one (REISSUE) or fail.
-   * Resolves once this server has let go of the device.
+   * Hands the device over to the next server (live upgrade) with QUIESCE_DEV: the kernel lets
+   * the I/O in flight finish and holds new I/O, then aborts this server's fetches; the queues
+   * end with nothing outstanding and the server leaves. Resolves true once it has let go, false
+   * if the device cannot be quiesced (no UBLK_F_QUIESCE, or the I/O did not drain in
+   * `timeoutMs`): the caller must then leave with requests in flight, which on Linux 6.12 is
+   * only safe the way a crash does it (see serve.ts).
    */
-  async handOver(timeoutMs = 10_000, log: (line: string) => void = () => undefined): Promise<void> {
-    if (this.info.flags & UBLK_F_QUIESCE) {
-      try {
-        await this.ctrl.quiesceDevAsync(this.devId, timeoutMs);
-        // The fetches were aborted: the queues end on their own.
-        await this.finished.catch(() => undefined);
-      } catch (e) {
-        log(`device ${this.devId}: QUIESCE_DEV failed (${(e as Error).message}); leaving with the I/O in flight`);
-      }
+  async handOver(timeoutMs = 10_000, log: (line: string) => void = () => undefined): Promise<boolean> {
+    if (!(this.info.flags & UBLK_F_QUIESCE)) return false;
+    try {
+      await this.ctrl.quiesceDevAsync(this.devId, timeoutMs);
+    } catch (e) {
+      log(`device ${this.devId}: QUIESCE_DEV failed (${(e as Error).message})`);
+      return false;
     }
+    // The fetches were aborted: the queues end on their own.
+    await this.finished.catch(() => undefined);
     await this.leave();
+    return true;
   }
 
   /** Whether the device was added with user recovery, so that it can outlive this server. */
