@@ -13,7 +13,7 @@ import { closeSync, existsSync, rmSync, statSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { UblkControl, UblkError } from '../ublk/control.js';
 import {
-  UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES,
+  UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_QUIESCE, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES,
 } from '../ublk/abi.js';
 import { isPowerOfTwo, MAX_IO_BYTES, MIN_IO_BYTES, specProblem } from '../ublk/params.js';
 import { DEFAULT_MAX_IO_BYTES, UBLK_MAX_DEV_ID } from '../ublk/server.js';
@@ -43,6 +43,8 @@ export const ADD_OPTIONS: readonly OptionSpec[] = [
   { key: 'recovery', names: ['-r', '--recovery'], kind: 'count', min: 0, max: 1 },
   { key: 'reissue', names: ['-i', '--recovery_reissue'], kind: 'count', min: 0, max: 1 },
   { key: 'failIo', names: ['-e', '--recovery_fail_io'], kind: 'count', min: 0, max: 1 },
+  // Ours: UBLK_F_UNPRIVILEGED_DEV (6.3), a device a non-root user adds and serves.
+  { key: 'unprivileged', names: ['--unprivileged'], kind: 'flag' },
   // UBLK_F_NO_AUTO_PART_SCAN (7.0): the kernel does not read the partition table at START_DEV.
   { key: 'noPartScan', names: ['--no_auto_part_scan', '--no-part-scan'], kind: 'flag' },
   { key: 'g', names: ['-g', '--get_data'], kind: 'flag', refuse: NOT_YET('NEED_GET_DATA (kublk\'s -g)') },
@@ -66,7 +68,7 @@ export async function add(argv: string[]): Promise<number> {
     queues: (values.queues as number | undefined) ?? 1,
     depth: (values.depth as number | undefined) ?? 128,
     maxIoBytes: values.maxIoBytes as number | undefined,
-    flags: recoveryFlags(values) | (values.noPartScan ? UBLK_F_NO_AUTO_PART_SCAN : 0),
+    flags: recoveryFlags(values) | (values.noPartScan ? UBLK_F_NO_AUTO_PART_SCAN : 0) | (values.unprivileged ? UBLK_F_UNPRIVILEGED_DEV : 0),
     name: values.save === undefined ? undefined : checkName(values.save as string),
   };
   const m = cfg.maxIoBytes;
@@ -75,10 +77,17 @@ export async function add(argv: string[]): Promise<number> {
   }
 
   // 2. The machine: the driver, root, the id.
+  if ((cfg.flags & UBLK_F_UNPRIVILEGED_DEV) && (cfg.flags & UBLK_F_USER_RECOVERY)) {
+    throw new UsageError('-r/-i/-e cannot be used with --unprivileged: the kernel drops user recovery for unprivileged devices');
+  }
   const ctrl = new UblkControl(); // names the fix for a missing driver or a non-root caller
-  ctrl.close();
-  if ((process.geteuid?.() ?? 0) !== 0) {
-    throw new UblkError('adding a device needs root (unprivileged ublk devices are not supported): run as root');
+  try {
+    if (cfg.flags & UBLK_F_UNPRIVILEGED_DEV) ctrl.requireFeature(UBLK_F_UNPRIVILEGED_DEV, '--unprivileged');
+  } finally {
+    ctrl.close();
+  }
+  if ((process.geteuid?.() ?? 0) !== 0 && !(cfg.flags & UBLK_F_UNPRIVILEGED_DEV)) {
+    throw new UblkError('adding a device needs root, or --unprivileged for a device of your own (after `ublk setup-unprivileged` as root)');
   }
   if (cfg.devId !== undefined && existsSync(`/dev/ublkc${cfg.devId}`)) {
     throw new UblkError(`device id ${cfg.devId} is taken (ublk list shows the devices)`);

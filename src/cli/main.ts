@@ -4,12 +4,17 @@
  * machine format. Every command parses its options the same way (targets/options.ts): unknown
  * or repeated options are errors, exit status 2, one line.
  */
-import { closeSync, constants as fsConstants, openSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
-import { UblkControl, UblkError, stateName, type DevInfo, type DevParams } from '../ublk/control.js';
+import { spawnSync } from 'node:child_process';
+import {
+  chmodSync, chownSync, closeSync, constants as fsConstants, mkdirSync, openSync, readFileSync, readdirSync, readlinkSync, writeFileSync,
+} from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { CONTROL_PATH as CONTROL_DEVICE, UblkControl, UblkError, stateName, type DevInfo, type DevParams } from '../ublk/control.js';
 import { TargetError } from '../ublk/target.js';
 import {
   UBLK_FEATURES, ublkFeatureNames, UBLK_F_QUIESCE, UBLK_F_SAFE_STOP_DEV, UBLK_F_UPDATE_SIZE, UBLK_F_USER_RECOVERY,
-  UBLK_F_USER_RECOVERY_REISSUE, UBLK_S_DEV_LIVE,
+  UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY_REISSUE, UBLK_S_DEV_LIVE,
 } from '../ublk/abi.js';
 import { UBLK_MAX_DEV_ID, pidAlive } from '../ublk/server.js';
 import { loadTarget, targetNames } from '../targets/index.js';
@@ -45,6 +50,9 @@ commands:
   quiesce -n ID           QUIESCE_DEV: the server exits, the device waits for recover
   update_size -n ID -s SIZE
                           change a live device's capacity (bytes, or with K/M/G/T)
+  setup-unprivileged [--rules-dir DIR]
+                          as root: install the udev rule that lets users add devices of
+                          their own (add --unprivileged) and hands them their nodes
   up [NAME | -a]          bring saved devices up (add ... --save NAME declares one): added,
                           or recovered if their server died
   down [NAME | -a]        stop and delete saved devices (the declarations stay)
@@ -97,6 +105,11 @@ export async function main(argv: string[]): Promise<number> {
         return await quiesce(rest);
       case 'update_size':
         return await updateSize(rest);
+      case 'setup-unprivileged':
+        return setupUnprivileged(rest);
+      case '__chown':
+        // udev's helper (the rule setup-unprivileged installs): hands a user's device to them.
+        return chownDevice(rest[0] ?? '');
       case 'up':
         return await up(rest);
       case 'down':
@@ -177,6 +190,53 @@ async function del(argv: string[]): Promise<number> {
     ctrl.close();
   }
   return status;
+}
+
+/** Where setup-unprivileged installs its rule, and the rule's file name. */
+const UDEV_RULES = '/etc/udev/rules.d';
+export const UDEV_RULE_FILE = '99-ublk-unprivileged.rules';
+
+/**
+ * `setup-unprivileged`: what the kernel expects around UBLK_F_UNPRIVILEGED_DEV, which it leaves
+ * to userspace (ublksrv ships the same pieces): /dev/ublk-control open to every user (the kernel
+ * itself checks that a non-root ADD_DEV asks for an unprivileged device, and limits how many), and
+ * a udev rule that hands each unprivileged device's /dev/ublkcN and /dev/ublkbN to the user who
+ * added it (`ublk __chown`). Privileged devices stay root's: their commands need CAP_SYS_ADMIN.
+ */
+function setupUnprivileged(argv: string[]): number {
+  const { values } = parseOptions('setup-unprivileged', argv, [{ key: 'dir', names: ['--rules-dir'], kind: 'string' }]);
+  if ((process.geteuid?.() ?? 0) !== 0) throw new UblkError('setup-unprivileged installs a udev rule: run it as root');
+  const dir = (values.dir as string | undefined) ?? UDEV_RULES;
+  const bin = fileURLToPath(new URL('../../bin/ublk.js', import.meta.url));
+  const rule = [
+    '# Installed by `ublk setup-unprivileged`: users may add ublk devices of their own',
+    '# (`ublk add --unprivileged`, UBLK_F_UNPRIVILEGED_DEV), and each one\'s nodes go to its owner.',
+    'KERNEL=="ublk-control", MODE="0666"',
+    `ACTION=="add", KERNEL=="ublk[bc][0-9]*", RUN+="${process.execPath} ${bin} __chown %k"`,
+    '',
+  ].join('\n');
+  mkdirSync(dir, { recursive: true });
+  const path = join(dir, UDEV_RULE_FILE);
+  writeFileSync(path, rule, { mode: 0o644 });
+  // What the rule does for ublk-control, now, without waiting for udev to replay it.
+  try { chmodSync(CONTROL_DEVICE, 0o666); } catch { /* the driver is not loaded yet: udev applies the rule when it is */ }
+  spawnSync('udevadm', ['control', '--reload'], { stdio: 'ignore' });
+  out(`installed ${path}; ${CONTROL_DEVICE} is open to users, and their unprivileged devices are handed to them\n`);
+  return 0;
+}
+
+/** `__chown ublkcN|ublkbN` (run by udev as root): gives an unprivileged device's node to its owner. */
+function chownDevice(name: string): number {
+  const m = /^ublk([bc])(\d+)$/.exec(name);
+  if (!m) throw new UsageError(`__chown takes a device node name like ublkc0, got '${name}'`);
+  const ctrl = new UblkControl();
+  try {
+    const info = ctrl.devInfo2(Number(m[2]));
+    if (info.flags & UBLK_F_UNPRIVILEGED_DEV) chownSync(`/dev/${name}`, info.ownerUid, info.ownerGid);
+  } finally {
+    ctrl.close();
+  }
+  return 0;
 }
 
 /** Frees what a device's target kept beyond its server (TargetDefinition.destroy). */
@@ -510,6 +570,8 @@ function list(argv: string[]): number {
       try {
         info = ctrl.devInfo(id);
       } catch (e) {
+        // Listing everything, a user sees only the devices they may see (their unprivileged ones).
+        if (values.id === undefined && e instanceof UblkError && (e.code === 'EPERM' || e.code === 'EACCES') && (process.geteuid?.() ?? 0) !== 0) continue;
         process.stderr.write(`ublk: ${(e as Error).message}\n`);
         status = 1;
         continue;

@@ -45,7 +45,7 @@ export class RunDir {
   readonly path: string;
   private readonly uid: number;
 
-  constructor(path = process.env.UBLK_RUN_DIR || '/run/ublk') {
+  constructor(path = process.env.UBLK_RUN_DIR || defaultRunDir()) {
     this.path = path;
     this.uid = process.geteuid?.() ?? 0;
   }
@@ -175,4 +175,11 @@ export class RunDir {
       }
     }
   }
+}
+
+/** /run/ublk for root; a user's own (unprivileged devices): $XDG_RUNTIME_DIR/ublk, else /tmp/ublk-UID. */
+export function defaultRunDir(): string {
+  const uid = process.geteuid?.() ?? 0;
+  if (uid === 0) return '/run/ublk';
+  return process.env.XDG_RUNTIME_DIR ? join(process.env.XDG_RUNTIME_DIR, 'ublk') : `/tmp/ublk-${uid}`;
 }

@@ -22,7 +22,8 @@ export interface SavedDevice {
   args: string[];
 }
 
-export const configDir = () => process.env.UBLK_CONFIG_DIR || '/etc/ublk/devices';
+export const configDir = () => process.env.UBLK_CONFIG_DIR
+  || ((process.geteuid?.() ?? 0) === 0 ? '/etc/ublk/devices' : join(process.env.HOME ?? '/tmp', '.config', 'ublk', 'devices'));
 
 /** Names are file names and link names: letters, digits, `.`, `_`, `-`, not starting with `.`. */
 export function checkName(name: string): string {

@@ -8,6 +8,13 @@
  * the affinity mask) live in one page we mmapped, and each command completes before the next is
  * written, so that page is never reused while the kernel can still touch it.
  *
+ * Unprivileged devices (UBLK_F_UNPRIVILEGED_DEV, 6.3): every command but ADD_DEV and
+ * GET_FEATURES must carry the path of the device's `/dev/ublkcN` in front of its payload
+ * (`dev_path_len` bytes at `addr`; the kernel checks the caller's access to that inode and
+ * strips the prefix), root's commands included. So payloads start 128 bytes into the page,
+ * leaving room for the path right before them, and each device's kind is learnt once with
+ * GET_DEV_INFO2, the one command that always takes the path.
+ *
  * The class is synchronous: a command blocks the calling thread in io_uring_enter. That is what
  * the kernel's rules want anyway: START_DEV must come from a thread that is not one of the
  * queues (it waits until every tag has a FETCH outstanding), and the queues live in workers.
@@ -23,7 +30,7 @@ import {
   UBLK_U_CMD_GET_QUEUE_AFFINITY, UBLK_U_CMD_GET_FEATURES, UBLK_U_CMD_START_USER_RECOVERY,
   UBLK_U_CMD_END_USER_RECOVERY, UBLK_U_CMD_UPDATE_SIZE, UBLK_U_CMD_QUIESCE_DEV,
   UBLK_U_CMD_TRY_STOP_DEV, UBLK_F_UPDATE_SIZE, UBLK_F_QUIESCE, UBLK_F_SAFE_STOP_DEV,
-  UBLK_F_CMD_IOCTL_ENCODE, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_DEV_FAIL_IO,
+  UBLK_F_CMD_IOCTL_ENCODE, UBLK_F_UNPRIVILEGED_DEV, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_DEV_FAIL_IO,
 } from './abi.js';
 import { ANY_DEV_ID, prepCtrlCmd, type CtrlCmd } from './wire.js';
 import {
@@ -33,6 +40,14 @@ import {
 export type { DevInfo, DevParams } from './params.js';
 
 export const CONTROL_PATH = '/dev/ublk-control';
+
+/** Room for a device path in front of a payload (the longest, `/dev/ublkc1048575`, is 17 bytes). */
+const PATH_ROOM = 128;
+/** Commands that never carry the path: no device yet, none at all, or one that places it itself. */
+const NO_PATH = new Set(['ADD_DEV', 'GET_FEATURES', 'GET_DEV_INFO2']);
+
+/** The char device of ublk device `devId`. */
+export const charDevPath = (devId: number) => `/dev/ublkc${devId}`;
 
 /** A control command failed; `command` is its name (ADD_DEV), `code` the errno name. */
 export class UblkError extends Error {
@@ -53,8 +68,12 @@ const hex = (n: number) => `0x${n.toString(16)}`;
 export class UblkControl {
   readonly fd: number;
   private readonly ring: IoUring;
-  /** One page for command payloads: dev_info, params, features, cpu masks. */
+  /** One page: a device path (and GET_DEV_INFO2's answer) below PATH_ROOM, payloads from it. */
+  private readonly page: Mapping;
+  /** The payload area: dev_info, params, features, cpu masks. */
   private readonly buf: Mapping;
+  /** Whether each device id seen is unprivileged (its commands carry the path). */
+  private readonly unprivileged = new Map<number, boolean>();
   private featuresCache: number | undefined;
   /** An async command is waiting for its CQE (one command at a time per control ring). */
   private busy = false;
@@ -71,7 +90,7 @@ export class UblkControl {
       this.fd = sys.open(CONTROL_PATH, libc.O_RDWR | libc.O_CLOEXEC);
     } catch (e) {
       if (e instanceof SysError && (e.code === 'EACCES' || e.code === 'EPERM')) {
-        throw new UblkError(`cannot open ${CONTROL_PATH} (${e.code}): run as root`);
+        throw new UblkError(`cannot open ${CONTROL_PATH} (${e.code}): run as root (or, for unprivileged devices, let users open it: \`ublk setup-unprivileged\` as root)`);
       }
       throw e;
     }
@@ -84,7 +103,8 @@ export class UblkControl {
       }
       throw e;
     }
-    this.buf = Mapping.anonymous(4096);
+    this.page = Mapping.anonymous(4096);
+    this.buf = this.page.slice(PATH_ROOM);
   }
 
   /**
@@ -94,7 +114,7 @@ export class UblkControl {
   close(): void {
     if (this.busy) throw new UblkError('a control command is still running: await it before close()');
     this.ring.close();
-    this.buf.unmap();
+    this.page.unmap();
     sys.close(this.fd);
   }
 
@@ -102,13 +122,42 @@ export class UblkControl {
     this.close();
   }
 
-  /** Writes and submits one control command; its CQE is then awaited by the caller. */
-  private submitCommand(op: number, cmd: CtrlCmd): void {
+  /**
+   * Writes and submits one control command; its CQE is then awaited by the caller. The payload
+   * (if `cmd.len`) is at the start of `buf`, or at `addr` if given. A command on an unprivileged
+   * device gets its char-dev path in front of the payload.
+   */
+  private submitCommand(name: string, op: number, cmd: CtrlCmd & { addr?: number }): void {
+    let addr = cmd.addr ?? (cmd.len ? this.buf.address : 0);
+    let len = cmd.len ?? 0;
+    let devPathLen = cmd.devPathLen ?? 0;
+    if (!NO_PATH.has(name) && cmd.devId !== ANY_DEV_ID && this.isUnprivileged(cmd.devId)) {
+      const path = Buffer.from(charDevPath(cmd.devId));
+      this.page.u8.set(path, PATH_ROOM - path.length);
+      addr = this.page.address + PATH_ROOM - path.length;
+      len += path.length;
+      devPathLen = path.length;
+    }
     const r = this.ring;
     const w = r.mustGetSqe();
-    prepCtrlCmd(r.sqes, w, r.cmdWords, op, this.fd, { ...cmd, addr: cmd.len ? this.buf.address : 0 });
+    prepCtrlCmd(r.sqes, w, r.cmdWords, op, this.fd, { ...cmd, addr, len, devPathLen });
     setUserData(r.sqes, w, op);
     r.submit();
+  }
+
+  /** Whether device `devId` is unprivileged (learnt once, by GET_DEV_INFO2; kernels before 6.3 have none). */
+  private isUnprivileged(devId: number): boolean {
+    let u = this.unprivileged.get(devId);
+    if (u === undefined) {
+      try {
+        u = (this.devInfo2(devId).flags & UBLK_F_UNPRIVILEGED_DEV) !== 0;
+      } catch (e) {
+        if (e instanceof UblkError && e.code === 'EINVAL') u = false; // no GET_DEV_INFO2 (before 6.3)
+        else throw e;
+      }
+      this.unprivileged.set(devId, u);
+    }
+    return u;
   }
 
   /** Takes the one outstanding command's result, or undefined if it has not completed. */
@@ -126,8 +175,8 @@ export class UblkControl {
    * naming the command, the device and the errno otherwise. The payload (if `cmd.len`) was
    * written at offset 0 of the payload page. Blocks this thread until the command completes.
    */
-  private command(name: string, op: number, cmd: CtrlCmd): number {
-    this.submitCommand(op, cmd);
+  private command(name: string, op: number, cmd: CtrlCmd & { addr?: number }): number {
+    this.submitCommand(name, op, cmd);
     for (;;) {
       this.ring.waitCqe();
       const res = this.takeResult(name, cmd.devId);
@@ -145,7 +194,7 @@ export class UblkControl {
     if (this.busy) throw new UblkError(`${name}: another control command of this process is still running`);
     this.busy = true;
     try {
-      this.submitCommand(op, cmd);
+      this.submitCommand(name, op, cmd);
       for (let delay = 1; ; delay = Math.min(delay * 2, 20)) {
         // An enter without waiting runs the task work that posts the CQE, if it is pending.
         this.ring.getEvents(0);
@@ -162,7 +211,9 @@ export class UblkControl {
     const code = errnoName(errno);
     const dev = devId === ANY_DEV_ID ? '' : ` for device ${devId}`;
     let why = '';
-    if (errno === libc.EPERM || errno === libc.EACCES) why = ': run as root';
+    const root = (process.geteuid?.() ?? 0) === 0;
+    if ((errno === libc.EPERM || errno === libc.EACCES) && !root && devId !== ANY_DEV_ID) why = ': it is another user\'s device, or a privileged one';
+    else if (errno === libc.EPERM || errno === libc.EACCES) why = root ? '' : ': run as root, or add an unprivileged device (--unprivileged)';
     else if (errno === libc.EEXIST) why = ': that device id is taken (ublk list shows the devices)';
     else if (errno === libc.ENODEV || errno === libc.ENOENT) why = ': no such device';
     else if (errno === libc.EOPNOTSUPP || (errno === libc.EINVAL && name !== 'SET_PARAMS' && name !== 'ADD_DEV')) {
@@ -207,7 +258,9 @@ export class UblkControl {
     }
     writeDevInfo(this.buf.view, 0, { ...info, flags: want | UBLK_F_CMD_IOCTL_ENCODE });
     this.command('ADD_DEV', UBLK_U_CMD_ADD_DEV, { devId: info.devId ?? ANY_DEV_ID, len: ublksrv_ctrl_dev_info.SIZE });
-    return readDevInfo(this.buf.view, 0);
+    const added = readDevInfo(this.buf.view, 0);
+    this.unprivileged.set(added.devId, (added.flags & UBLK_F_UNPRIVILEGED_DEV) !== 0);
+    return added;
   }
 
   /** GET_DEV_INFO. */
@@ -221,13 +274,14 @@ export class UblkControl {
    * `/dev/ublkcN`, whose path we pass in front of the info (needed for unprivileged devices).
    */
   devInfo2(devId: number): DevInfo {
-    const path = Buffer.from(`/dev/ublkc${devId}`);
+    const path = Buffer.from(charDevPath(devId));
     // One buffer of len bytes: the path first, then the dev_info the kernel fills in after it.
+    // Below PATH_ROOM, so that a payload already written for the next command stays intact.
     const total = path.length + ublksrv_ctrl_dev_info.SIZE;
-    this.buf.u8.fill(0, 0, total);
-    this.buf.u8.set(path, 0);
-    this.command('GET_DEV_INFO2', UBLK_U_CMD_GET_DEV_INFO2, { devId, len: total, devPathLen: path.length });
-    return readDevInfo(this.buf.view, path.length);
+    this.page.u8.fill(0, 0, total);
+    this.page.u8.set(path, 0);
+    this.command('GET_DEV_INFO2', UBLK_U_CMD_GET_DEV_INFO2, { devId, len: total, devPathLen: path.length, addr: this.page.address });
+    return readDevInfo(this.page.view, path.length);
   }
 
   /** SET_PARAMS: only while the device is not live. */
@@ -279,8 +333,10 @@ export class UblkControl {
    * uses DEL_DEV_ASYNC (6.9+), which returns at once.
    */
   delDev(devId: number, async = false): void {
-    if (async) this.command('DEL_DEV_ASYNC', UBLK_U_CMD_DEL_DEV_ASYNC, { devId });
+    // DEL_DEV_ASYNC is missing from the kernel's permission switch for unprivileged devices.
+    if (async && !this.isUnprivileged(devId)) this.command('DEL_DEV_ASYNC', UBLK_U_CMD_DEL_DEV_ASYNC, { devId });
     else this.command('DEL_DEV', UBLK_U_CMD_DEL_DEV, { devId });
+    this.unprivileged.delete(devId);
   }
 
   /** {@link delDev} that keeps the event loop running until the last reference is gone. */

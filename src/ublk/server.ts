@@ -179,8 +179,10 @@ export class UblkServer {
       });
       opts.onAdded?.(info);
       checkAbort();
-      ctrl.setParams(info.devId, params);
+      // The char device first: for a user's unprivileged device, every command after ADD_DEV needs
+      // access to it, which udev's helper grants a moment after ADD_DEV made the node.
       charFd = openCharDev(info.devId);
+      ctrl.setParams(info.devId, params);
       await attachQueues({ info, charFd, started, targetUrl, opts, spec, nrCounters: counterNames.length });
       checkAbort();
       // Not the blocking variant: the kernel's partition scan during START_DEV sends I/O, which
@@ -434,14 +436,23 @@ function signalQueue(q: QueueThread, bits: number): void {
   }
 }
 
-/** Opens /dev/ublkcN, which devtmpfs creates during ADD_DEV (retrying briefly if udev is slow). */
+/**
+ * Opens /dev/ublkcN, which devtmpfs creates during ADD_DEV (retrying briefly if udev is slow;
+ * for a user's unprivileged device, until udev's helper has handed the node to its owner).
+ */
 function openCharDev(devId: number): number {
   const path = `/dev/ublkc${devId}`;
+  const waitFor = (process.geteuid?.() ?? 0) === 0 ? ['ENOENT'] : ['ENOENT', 'EACCES', 'EPERM'];
   for (let i = 0; ; i++) {
     try {
       return sys.open(path, libc.O_RDWR | libc.O_CLOEXEC);
     } catch (e) {
-      if (!(e instanceof SysError) || e.code !== 'ENOENT' || i >= 100) throw e;
+      if (!(e instanceof SysError) || !waitFor.includes(e.code) || i >= 500) {
+        if (e instanceof SysError && (e.code === 'EACCES' || e.code === 'EPERM')) {
+          throw new UblkError(`cannot open ${path} (${e.code}): udev did not hand it to you; is the rule of \`ublk setup-unprivileged\` installed?`);
+        }
+        throw e;
+      }
       Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 10);
     }
   }

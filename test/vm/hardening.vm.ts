@@ -362,7 +362,7 @@ t.test('errors before anything exists: not root, a run directory others can writ
   const logsBefore = logs();
   const nobody = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, join(ROOT, 'bin', 'ublk.js'), 'add', '-t', 'null'], { encoding: 'utf8' });
   t.equal(nobody.status, 1);
-  t.equal(nobody.stderr, 'ublk: cannot open /dev/ublk-control (EACCES): run as root\n', 'one line, no stack trace');
+  t.equal(nobody.stderr, 'ublk: cannot open /dev/ublk-control (EACCES): run as root (or, for unprivileged devices, let users open it: `ublk setup-unprivileged` as root)\n', 'one line, no stack trace');
   const evil = join(work, 'evil-run');
   mkdirSync(evil);
   chmodSync(evil, 0o1777);
