@@ -131,7 +131,7 @@ export class UblkControl {
     let addr = cmd.addr ?? (cmd.len ? this.buf.address : 0);
     let len = cmd.len ?? 0;
     let devPathLen = cmd.devPathLen ?? 0;
-    if (!NO_PATH.has(name) && cmd.devId !== ANY_DEV_ID && this.isUnprivileged(cmd.devId)) {
+    if (!NO_PATH.has(name) && cmd.devId !== ANY_DEV_ID && this.isUnprivileged(cmd.devId, name)) {
       const path = Buffer.from(charDevPath(cmd.devId));
       this.page.u8.set(path, PATH_ROOM - path.length);
       addr = this.page.address + PATH_ROOM - path.length;
@@ -145,15 +145,22 @@ export class UblkControl {
     r.submit();
   }
 
-  /** Whether device `devId` is unprivileged (learnt once, by GET_DEV_INFO2; kernels before 6.3 have none). */
-  private isUnprivileged(devId: number): boolean {
+  /**
+   * Whether device `devId` is unprivileged (learnt once, by GET_DEV_INFO2; kernels before 6.3
+   * have none). A failure is reported as the failure of `name`, the command the caller asked for.
+   */
+  private isUnprivileged(devId: number, name = 'GET_DEV_INFO2'): boolean {
     let u = this.unprivileged.get(devId);
     if (u === undefined) {
       try {
         u = (this.devInfo2(devId).flags & UBLK_F_UNPRIVILEGED_DEV) !== 0;
       } catch (e) {
-        if (e instanceof UblkError && e.code === 'EINVAL') u = false; // no GET_DEV_INFO2 (before 6.3)
-        else throw e;
+        if (!(e instanceof UblkError)) throw e;
+        if (e.code === 'EINVAL') u = false; // no GET_DEV_INFO2 (before 6.3)
+        else {
+          const errno = (libc as unknown as Record<string, number>)[e.code ?? ''];
+          throw errno ? this.error(name, devId, errno) : e;
+        }
       }
       this.unprivileged.set(devId, u);
     }

@@ -238,8 +238,12 @@ while True:
   if b-a>0.02: print(int(b*1000),int((b-a)*1000),flush=True)
   off=48*1048576+((off+4096)%(8*1048576))`, `/dev/ublkb${id}`], { stdio: ['ignore', 'pipe', 'inherit'] });
   const slow: Array<[number, number]> = [];
+  let partial = '';
   probe.stdout.on('data', (d: Buffer) => {
-    for (const line of d.toString().trim().split('\n')) slow.push(line.split(' ').map(Number) as [number, number]);
+    // Whole lines only: a chunk may end in the middle of one.
+    const lines = (partial + d.toString()).split('\n');
+    partial = lines.pop()!;
+    for (const line of lines) if (line) slow.push(line.split(' ').map(Number) as [number, number]);
   });
   const windows: Array<[number, number]> = [];
   const pids = [serverPid(id)];
