@@ -270,6 +270,30 @@ while True:
   t.end();
 });
 
+t.test('quiesce -n ID (kublk): the server lets go, the device waits QUIESCED with its data, and recover serves it', async (t) => {
+  const id = addDevice('-t', 'mem', '-s', '16M', '-r', '1');
+  if (!has(UBLK_F_QUIESCE)) {
+    const r = ublk('quiesce', '-n', String(id));
+    t.equal(r.code, 1);
+    t.match(r.stderr, /quiesce needs UBLK_F_QUIESCE \(Linux 6\.16\)/, 'a kernel without QUIESCE_DEV is named');
+    t.equal(state(id), 'LIVE', 'and the device is untouched');
+    t.equal(ublk('del', '-n', String(id)).code, 0);
+    t.end();
+    return;
+  }
+  spawnSync('python3', ['-c', 'import os,sys; fd=os.open(sys.argv[1],os.O_WRONLY); os.pwrite(fd,b"quiet"*1000,0); os.fsync(fd)', `/dev/ublkb${id}`]);
+  const pid = serverPid(id);
+  const r = ublk('quiesce', '-n', String(id));
+  t.equal(r.code, 0, `quiesce: ${r.stderr}`);
+  t.notOk(alive(pid), 'the server exited');
+  t.ok(await waitFor(() => state(id) === 'QUIESCED', 10_000), `the device waits (state ${state(id)})`);
+  t.equal(ublk('recover', '-n', String(id)).code, 0);
+  const read = spawnSync('python3', ['-c', 'import os,sys; fd=os.open(sys.argv[1],os.O_RDONLY); print(os.pread(fd,5,0).decode())', `/dev/ublkb${id}`], { encoding: 'utf8' });
+  t.equal(read.stdout.trim(), 'quiet', 'with its data');
+  t.equal(ublk('del', '-n', String(id)).code, 0);
+  t.end();
+});
+
 t.test('stop --safe and del --safe refuse while the disk is open, and work once it is closed', async (t) => {
   const id = addDevice('-t', 'null', '-s', '1G');
   const holder = spawn('python3', ['-c', 'import os,sys,time; fd=os.open(sys.argv[1],os.O_RDONLY); print("open",flush=True); time.sleep(60)', `/dev/ublkb${id}`], { stdio: ['ignore', 'pipe', 'ignore'] });
