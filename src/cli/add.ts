@@ -80,45 +80,34 @@ export async function add(argv: string[]): Promise<number> {
   if ((cfg.flags & UBLK_F_UNPRIVILEGED_DEV) && (cfg.flags & UBLK_F_USER_RECOVERY)) {
     throw new UsageError('-r/-i/-e cannot be used with --unprivileged: the kernel drops user recovery for unprivileged devices');
   }
+  // One control handle for every feature check of this step (it opens /dev/ublk-control once).
   const ctrl = new UblkControl(); // names the fix for a missing driver or a non-root caller
   try {
     if (cfg.flags & UBLK_F_UNPRIVILEGED_DEV) ctrl.requireFeature(UBLK_F_UNPRIVILEGED_DEV, '--unprivileged');
+    if ((process.geteuid?.() ?? 0) !== 0 && !(cfg.flags & UBLK_F_UNPRIVILEGED_DEV)) {
+      throw new UblkError('adding a device needs root, or --unprivileged for a device of your own (after `ublk setup-unprivileged` as root)');
+    }
+    if (cfg.devId !== undefined && existsSync(`/dev/ublkc${cfg.devId}`)) {
+      throw new UblkError(`device id ${cfg.devId} is taken (ublk list shows the devices)`);
+    }
+    if (cfg.name !== undefined) {
+      const other = deviceNamed(cfg.name);
+      if (other) throw new UblkError(`the name ${cfg.name} is device ${other.devId}'s (\`ublk down ${cfg.name}\` removes it)`);
+    }
+    if (cfg.flags & UBLK_F_NO_AUTO_PART_SCAN) ctrl.requireFeature(UBLK_F_NO_AUTO_PART_SCAN, '--no_auto_part_scan');
+    if (cfg.flags & UBLK_F_USER_RECOVERY) {
+      if (cfg.flags & UBLK_F_USER_RECOVERY_FAIL_IO) ctrl.requireFeature(UBLK_F_USER_RECOVERY_FAIL_IO, '-e 1');
+      if (cfg.flags & UBLK_F_USER_RECOVERY_REISSUE) ctrl.requireFeature(UBLK_F_USER_RECOVERY_REISSUE, '-i 1');
+      ctrl.requireFeature(UBLK_F_USER_RECOVERY, '-r 1');
+      // As kublk does: where the kernel can quiesce a device (6.16), a recoverable one can be
+      // handed to a new server without failing or reissuing I/O (`ublk upgrade`).
+      if (ctrl.features() & UBLK_F_QUIESCE) cfg.flags |= UBLK_F_QUIESCE;
+    }
   } finally {
     ctrl.close();
   }
-  if ((process.geteuid?.() ?? 0) !== 0 && !(cfg.flags & UBLK_F_UNPRIVILEGED_DEV)) {
-    throw new UblkError('adding a device needs root, or --unprivileged for a device of your own (after `ublk setup-unprivileged` as root)');
-  }
-  if (cfg.devId !== undefined && existsSync(`/dev/ublkc${cfg.devId}`)) {
-    throw new UblkError(`device id ${cfg.devId} is taken (ublk list shows the devices)`);
-  }
-  if (cfg.name !== undefined) {
-    const other = deviceNamed(cfg.name);
-    if (other) throw new UblkError(`the name ${cfg.name} is device ${other.devId}'s (\`ublk down ${cfg.name}\` removes it)`);
-  }
-  if (cfg.flags & UBLK_F_NO_AUTO_PART_SCAN) {
-    const probe = new UblkControl();
-    try {
-      probe.requireFeature(UBLK_F_NO_AUTO_PART_SCAN, '--no_auto_part_scan');
-    } finally {
-      probe.close();
-    }
-  }
-  if (cfg.flags & UBLK_F_USER_RECOVERY) {
-    const probe = new UblkControl();
-    try {
-      if (cfg.flags & UBLK_F_USER_RECOVERY_FAIL_IO) probe.requireFeature(UBLK_F_USER_RECOVERY_FAIL_IO, '-e 1');
-      if (cfg.flags & UBLK_F_USER_RECOVERY_REISSUE) probe.requireFeature(UBLK_F_USER_RECOVERY_REISSUE, '-i 1');
-      probe.requireFeature(UBLK_F_USER_RECOVERY, '-r 1');
-      // As kublk does: where the kernel can quiesce a device (6.16), a recoverable one can be
-      // handed to a new server without failing or reissuing I/O (`ublk upgrade`).
-      if (probe.features() & UBLK_F_QUIESCE) cfg.flags |= UBLK_F_QUIESCE;
-    } finally {
-      probe.close();
-    }
-    // What the target keeps must outlive this server (mem's disk): the options say where.
-    if (t.def.persist) cfg.targetOptions = t.def.persist(cfg.targetOptions, randomBytes(8).toString('hex'));
-  }
+  // What the target keeps must outlive this server (mem's disk): the options say where.
+  if ((cfg.flags & UBLK_F_USER_RECOVERY) && t.def.persist) cfg.targetOptions = t.def.persist(cfg.targetOptions, randomBytes(8).toString('hex'));
 
   // 3. The target's own checks, and the device's shape, before any device exists.
   let ok = false;

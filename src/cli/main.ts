@@ -319,6 +319,14 @@ function requireId(cmd: string, values: Record<string, unknown>): number {
   return values.id as number;
 }
 
+/** What a server that recovers the device saved in `st` is given: everything the first one had. */
+function recoveryConfig(st: DeviceState): ServeConfig {
+  return {
+    target: st.target, targetOptions: st.targetOptions, devId: st.devId, queues: st.queues, depth: st.depth,
+    maxIoBytes: st.maxIoBytes, flags: st.flags, name: st.name, recover: true,
+  };
+}
+
 /** The saved state of device `id`, or an error that says why it cannot be had. */
 function savedState(cmd: string, id: number): DeviceState {
   const st = new RunDir().readState(id);
@@ -352,10 +360,7 @@ async function recover(argv: string[]): Promise<number> {
   } finally {
     ctrl.close();
   }
-  const cfg: ServeConfig = {
-    target: st.target, targetOptions: st.targetOptions, devId: id, queues: st.queues, depth: st.depth,
-    maxIoBytes: st.maxIoBytes, flags: st.flags, name: st.name, recover: true,
-  };
+  const cfg = recoveryConfig(st);
   if (values.foreground) return serve(cfg, (n) => list(['-n', String(n)]));
   return startDetached(cfg, ((values.startTimeout as number | undefined) ?? 60) * 1000);
 }
@@ -398,10 +403,7 @@ async function upgrade(argv: string[]): Promise<number> {
   }
   await waitForExit(st.pid, 30_000);
   if (pidAlive(st.pid)) throw new UblkError(`device ${id}: the old server (process ${st.pid}) did not exit within 30 s`);
-  const cfg: ServeConfig = {
-    target: st.target, targetOptions: st.targetOptions, devId: id, queues: st.queues, depth: st.depth,
-    maxIoBytes: st.maxIoBytes, flags: st.flags, name: st.name, recover: true,
-  };
+  const cfg = recoveryConfig(st);
   const status = await startDetached(cfg, ((values.startTimeout as number | undefined) ?? 60) * 1000);
   if (status === 0) {
     const now = new RunDir().readState(id);

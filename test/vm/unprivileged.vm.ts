@@ -27,16 +27,19 @@ const features = (() => {
   try { return c.features(); } finally { c.close(); }
 })();
 
+/** setpriv's arguments that run `ublk ARGS` as user `uid` with no supplementary groups. */
+const ublkAs = (uid: number, args: string[]) => [`--reuid=${uid}`, `--regid=${uid}`, '--clear-groups', process.execPath, join(ROOT, 'bin', 'ublk.js'), ...args];
+/** The user's environment: a home of its own, no XDG_RUNTIME_DIR (so /tmp/ublk-UID). */
+const userEnv = (uid: number) => ({ PATH: process.env.PATH, HOME: join(work, `home-${uid}`) });
+
 /** `ublk ARGS` as user `uid` (no supplementary groups, a home of its own). */
 function as(uid: number, ...args: string[]) {
-  const r = spawnSync('setpriv', [`--reuid=${uid}`, `--regid=${uid}`, '--clear-groups', process.execPath, join(ROOT, 'bin', 'ublk.js'), ...args],
-    { encoding: 'utf8', timeout: 120_000, env: { PATH: process.env.PATH, HOME: join(work, `home-${uid}`) } });
+  const r = spawnSync('setpriv', ublkAs(uid, args), { encoding: 'utf8', timeout: 120_000, env: userEnv(uid) });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 /** {@link as} without blocking this event loop (which plays udev meanwhile). */
 function asAsync(uid: number, ...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  const child = spawn('setpriv', [`--reuid=${uid}`, `--regid=${uid}`, '--clear-groups', process.execPath, join(ROOT, 'bin', 'ublk.js'), ...args],
-    { env: { PATH: process.env.PATH, HOME: join(work, `home-${uid}`) }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn('setpriv', ublkAs(uid, args), { env: userEnv(uid), stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
