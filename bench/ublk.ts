@@ -13,10 +13,10 @@
  * target with the kernel's loop driver (losetup --direct-io=on) over the same file (on tmpfs, and
  * on ext4 on a RAM disk), and our mem target with brd, at 1 queue and QD 1, 32 and 128.
  *
- *   npm run bench:ublk -- [--suite all|null|loop] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
+ *   npm run bench:ublk -- [--suite all|null|loop|cost] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
-import { writeFileSync, existsSync, readdirSync } from 'node:fs';
+import { writeFileSync, existsSync, readdirSync, readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { dirname, join } from 'node:path';
@@ -46,15 +46,22 @@ function setNone(dev: string): void {
   if (existsSync(p)) writeFileSync(p, 'none');
 }
 
-function runFio(dev: string, rw: string, qd: number, jobs: number): number {
+interface FioSide { iops: number; clat_ns?: { percentile?: Record<string, number> } }
+interface FioResult { iops: number; p50: number; p99: number; p999: number }
+
+/** fio on /dev/DEV: IOPS, and completion-latency percentiles in µs (of reads, or of writes). */
+function fio(dev: string, rw: string, qd: number, jobs: number, extra: string[] = []): FioResult {
   const out = sh('fio', ['--name=b', `--filename=/dev/${dev}`, `--rw=${rw}`, '--bs=4k', `--iodepth=${qd}`,
     '--ioengine=io_uring', '--direct=1', `--numjobs=${jobs}`, '--group_reporting', '--time_based',
-    `--runtime=${seconds}`, '--ramp_time=1', '--output-format=json']);
-  const j = JSON.parse(out.slice(out.indexOf('{'))) as { jobs: Array<{ error: number; read: { iops: number }; write: { iops: number } }> };
+    `--runtime=${seconds}`, '--ramp_time=1', '--output-format=json', ...extra]);
+  const j = JSON.parse(out.slice(out.indexOf('{'))) as { jobs: Array<{ error: number; read: FioSide; write: FioSide }> };
   const job = j.jobs[0]!;
   if (job.error) throw new Error(`fio on ${dev}: error ${job.error}`);
-  return job.read.iops + job.write.iops;
+  const side = rw.includes('read') ? job.read : job.write;
+  const pct = (p: string) => (side.clat_ns?.percentile?.[p] ?? NaN) / 1000;
+  return { iops: job.read.iops + job.write.iops, p50: pct('50.000000'), p99: pct('99.000000'), p999: pct('99.900000') };
 }
+const runFio = (dev: string, rw: string, qd: number, jobs: number): number => fio(dev, rw, qd, jobs).iops;
 
 function ublkAdd(a: string[]): number {
   const out = sh(process.execPath, [join(root, 'bin', 'ublk.js'), 'add', ...a]);
@@ -175,10 +182,6 @@ async function loopSuite(): Promise<Record<string, number>> {
   spawnSync('rmmod', ['brd']);
   spawnSync('rm', ['-f', tmpfsFile]);
 
-  const median = (a: number[]) => {
-    const b = [...a].sort((p, q) => p - q);
-    return b.length % 2 ? b[(b.length - 1) / 2]! : (b[b.length / 2 - 1]! + b[b.length / 2]!) / 2;
-  };
   const label: Record<string, string> = {
     'loop-tmpfs': 'loop vs loop, file on tmpfs', 'loop-ext4': 'loop vs loop, file on ext4 on brd', mem: 'mem vs brd',
   };
@@ -205,10 +208,255 @@ async function loopSuite(): Promise<Record<string, number>> {
   return o;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The cost suite: what one request costs our server (issue 12)
+// ---------------------------------------------------------------------------------------------
+
+/** Clock ticks per second of /proc/PID/stat's utime and stime. */
+const CLK_TCK = Number(sh('getconf', ['CLK_TCK']).trim()) || 100;
+
+/** A process's CPU so far: user and system seconds over all its threads, living and exited. */
+function processCpu(pid: number): { user: number; sys: number } {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  // Fields after "(comm) ": state is field 3, utime field 14, stime field 15 (proc(5)).
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return { user: Number(f[11]) / CLK_TCK, sys: Number(f[12]) / CLK_TCK };
+}
+
+/** On-CPU nanoseconds of each thread of `pid` (schedstat), with the thread's name. */
+function threadCpu(pid: number): Map<number, { comm: string; ns: number }> {
+  const out = new Map<number, { comm: string; ns: number }>();
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      const ns = Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[0]);
+      const comm = readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim();
+      out.set(Number(tid), { comm, ns });
+    } catch { /* the thread exited */ }
+  }
+  return out;
+}
+
+/** Requests a block device has completed (reads + writes, /sys/block/DEV/stat). */
+function deviceIos(dev: string): number {
+  const f = readFileSync(`/sys/block/${dev}/stat`, 'utf8').trim().split(/\s+/).map(Number);
+  return f[0]! + f[4]!;
+}
+
+const TRACEFS = '/sys/kernel/tracing';
+const ENTER_EVENT = `${TRACEFS}/events/syscalls/sys_enter_io_uring_enter`;
+
+/**
+ * How many io_uring_enter calls the threads of `pid` make while `run` runs, counted by the
+ * kernel (a histogram trigger on the syscall's tracepoint, keyed by thread id): exact, and the
+ * same measure for any server. The trigger slows every system call a little, so CPU is never
+ * measured in the same run.
+ */
+function countEnters(pid: number, run: () => void): number {
+  if (!existsSync(ENTER_EVENT)) spawnSync('mount', ['-t', 'tracefs', 'nodev', TRACEFS]);
+  writeFileSync(`${ENTER_EVENT}/trigger`, 'hist:keys=common_pid');
+  try {
+    run();
+    const tids = new Set(readdirSync(`/proc/${pid}/task`).map(Number));
+    let n = 0;
+    for (const m of readFileSync(`${ENTER_EVENT}/hist`, 'utf8').matchAll(/common_pid:\s*(\d+)\s*\}\s*hitcount:\s*(\d+)/g)) {
+      if (tids.has(Number(m[1]))) n += Number(m[2]);
+    }
+    return n;
+  } finally {
+    writeFileSync(`${ENTER_EVENT}/trigger`, '!hist:keys=common_pid');
+  }
+}
+
+interface Cost { iops: number; cpuUs: number; userUs: number; sysUs: number; entersPerIo: number }
+
+/**
+ * The server's CPU per request while fio drives `dev` at a fixed `rate` (4 KiB randread, QD 32):
+ * every thread of the server process, user and system, divided by the requests the device
+ * completed in the same window. Then a shorter second run counts io_uring_enter calls per request.
+ */
+function serverCost(dev: string, pid: number, rate: number): Cost {
+  const ios0 = deviceIos(dev);
+  const c0 = processCpu(pid);
+  const t0 = threadCpu(pid);
+  const r = fio(dev, 'randread', 32, 1, [`--rate_iops=${rate}`]);
+  const c1 = processCpu(pid);
+  const t1 = threadCpu(pid);
+  const ios = deviceIos(dev) - ios0;
+  // Where it went, thread by thread (the queue threads should be nearly all of it).
+  const threads = [...t1].map(([tid, t]) => ({ tid, comm: t.comm, us: (t.ns - (t0.get(tid)?.ns ?? 0)) / 1000 / ios }))
+    .filter((t) => t.us >= 0.05).sort((a, b) => b.us - a.us);
+  process.stderr.write(`bench: ${dev} per-thread CPU µs per I/O: ${threads.map((t) => `${t.comm}[${t.tid}] ${t.us.toFixed(2)}`).join(', ')}\n`);
+  let enterIos = 0;
+  const enters = countEnters(pid, () => {
+    const before = deviceIos(dev);
+    sh('fio', ['--name=e', `--filename=/dev/${dev}`, '--rw=randread', '--bs=4k', '--iodepth=32', '--ioengine=io_uring',
+      '--direct=1', '--time_based', '--runtime=2', `--rate_iops=${rate}`, '--output-format=json']);
+    enterIos = deviceIos(dev) - before;
+  });
+  const us = (s: number) => (s * 1e6) / ios;
+  return {
+    iops: r.iops, userUs: us(c1.user - c0.user), sysUs: us(c1.sys - c0.sys),
+    cpuUs: us(c1.user - c0.user + c1.sys - c0.sys), entersPerIo: enters / enterIos,
+  };
+}
+
+/** The pid of the process serving /dev/ublkbID. */
+function serverPid(id: number): number {
+  const out = sh(process.execPath, [join(root, 'bin', 'ublk.js'), 'list', '-n', String(id), '--json']);
+  const j = JSON.parse(out) as Array<{ daemon_pid: number }> | { daemon_pid: number };
+  return (Array.isArray(j) ? j[0]! : j).daemon_pid;
+}
+
+const median = (a: number[]) => {
+  const b = [...a].sort((p, q) => p - q);
+  return b.length % 2 ? b[(b.length - 1) / 2]! : (b[b.length / 2 - 1]! + b[b.length / 2]!) / 2;
+};
+
+/**
+ * `--suite cost`: the cost of one request. Per round, interleaved in one boot:
+ *   - server CPU per I/O and io_uring_enter calls per I/O at a fixed rate (null at
+ *     --null-rate, default 20k IOPS; loop over a file on ext4 on brd at --loop-rate, default 8k);
+ *   - QD 1 IOPS and completion-latency percentiles: null vs null_blk, loop vs the kernel loop;
+ *   - QD 32: loop vs the kernel loop; null with 2 queues x 2 jobs x QD 128 vs null_blk.
+ * `--add-args "..."` adds options to every `ublk add` (to compare a mode in the same boot as
+ * another run's). Medians over --rounds (default 3).
+ */
+async function costSuite(): Promise<Record<string, number>> {
+  const rounds = Number(opt('--rounds', '3'));
+  const nullRate = Number(opt('--null-rate', '20000'));
+  const loopRate = Number(opt('--loop-rate', '8000'));
+  const extra = opt('--add-args', '').split(' ').filter(Boolean);
+  const size = 512;
+  const mnt = '/tmp/ublk-bench-ext4';
+  const file = `${mnt}/ublk-bench.img`;
+  spawnSync('rmmod', ['null_blk']);
+  sh('modprobe', ['-d', KROOT, 'null_blk', 'nr_devices=1', 'queue_mode=2', 'submit_queues=2', 'hw_queue_depth=128', 'irqmode=0', 'gb=250', 'bs=512']);
+  setNone('nullb0');
+  spawnSync('modprobe', ['-d', KROOT, 'loop']);
+  spawnSync('rmmod', ['brd']);
+  sh('modprobe', ['-d', KROOT, 'brd', 'rd_nr=1', `rd_size=${(size + 128) * 1024}`]);
+  sh('mkfs.ext4', ['-q', '/dev/ram0']);
+  sh('mkdir', ['-p', mnt]);
+  sh('mount', ['/dev/ram0', mnt]);
+  sh('dd', ['if=/dev/urandom', `of=${file}`, 'bs=1M', `count=${size}`, 'status=none']);
+  sh('sync', []);
+  writeFileSync('/proc/sys/vm/drop_caches', '3');
+  const kloop = sh('losetup', ['--find', '--show', '--direct-io=on', file]).trim().slice(5);
+  setNone(kloop);
+  const null1 = ublkAdd(['-t', 'null', '-q', '1', '-d', '128', ...extra]);
+  const null2 = ublkAdd(['-t', 'null', '-q', '2', '-d', '128', ...extra]);
+  const loop = ublkAdd(['-t', 'loop', '-f', file, ...extra]);
+  // --spin-us N: the same null and loop devices in the low-latency mode, measured at QD 1 beside them.
+  const spinUs = opt('--spin-us', '');
+  const spin = spinUs ? {
+    null: ublkAdd(['-t', 'null', '-q', '1', '-d', '128', '--spin-us', spinUs, ...extra]),
+    loop: ublkAdd(['-t', 'loop', '-f', file, '--spin-us', spinUs, ...extra]),
+  } : undefined;
+  const ours = [null1, null2, loop, ...(spin ? [spin.null, spin.loop] : [])];
+  for (const id of ours) setNone(`ublkb${id}`);
+  const pids = { null: serverPid(null1), loop: serverPid(loop) };
+  const pidOf = new Map(ours.map((id) => [`ublkb${id}`, serverPid(id)]));
+
+  const samples = new Map<string, number[]>();
+  const put = (key: string, v: number) => samples.set(key, [...(samples.get(key) ?? []), v]);
+  const log = (line: string) => process.stderr.write(`bench: ${line}\n`);
+  for (let round = 1; round <= rounds; round++) {
+    for (const [name, dev, pid, rate] of [['null', `ublkb${null1}`, pids.null, nullRate], ['loop', `ublkb${loop}`, pids.loop, loopRate]] as const) {
+      const c = serverCost(dev, pid, rate);
+      for (const [key, v] of Object.entries(c)) put(`cost_${name}_${key}`, v);
+      log(`round ${round}/${rounds} ${name} at ${rate} IOPS: ${c.iops.toFixed(0)} IOPS, ${c.cpuUs.toFixed(1)} µs CPU per I/O (${c.userUs.toFixed(1)} user + ${c.sysUs.toFixed(1)} sys), ${c.entersPerIo.toFixed(2)} enters per I/O`);
+    }
+    for (const [pair, ours, kernel, rws, spinning] of [
+      ['null', `ublkb${null1}`, 'nullb0', ['randread'], spin && `ublkb${spin.null}`],
+      ['loop', `ublkb${loop}`, kloop, ['randread', 'randwrite'], spin && `ublkb${spin.loop}`],
+    ] as const) {
+      for (const rw of rws) {
+        const sides: Array<[string, string]> = [['ours', ours], ['kernel', kernel]];
+        if (spinning) sides.push(['spin', spinning]);
+        for (const [side, dev] of sides) {
+          const pid = pidOf.get(dev);
+          const c0 = pid ? processCpu(pid) : undefined;
+          const ios0 = deviceIos(dev);
+          const r = fio(dev, rw, 1, 1);
+          if (pid && c0) {
+            const c1 = processCpu(pid);
+            put(`qd1_${pair}_${rw}_${side}_cpuUs`, ((c1.user + c1.sys - c0.user - c0.sys) * 1e6) / (deviceIos(dev) - ios0));
+          }
+          for (const [key, v] of Object.entries(r)) put(`qd1_${pair}_${rw}_${side}_${key}`, v);
+          log(`round ${round}/${rounds} QD1 ${pair} ${rw} ${side}: ${r.iops.toFixed(0)} IOPS, p50 ${r.p50.toFixed(0)} µs, p99 ${r.p99.toFixed(0)} µs`);
+        }
+      }
+    }
+    for (const rw of ['randread', 'randwrite']) {
+      for (const [side, dev] of [['ours', `ublkb${loop}`], ['kernel', kloop]] as const) {
+        const iops = runFio(dev, rw, 32, 1);
+        put(`qd32_loop_${rw}_${side}`, iops);
+        log(`round ${round}/${rounds} QD32 loop ${rw} ${side}: ${iops.toFixed(0)} IOPS`);
+      }
+      for (const [side, dev] of [['ours', `ublkb${null2}`], ['kernel', 'nullb0']] as const) {
+        const iops = runFio(dev, rw, 128, 2);
+        put(`qd128x2_null_${rw}_${side}`, iops);
+        log(`round ${round}/${rounds} 2 jobs x QD128 null ${rw} ${side}: ${iops.toFixed(0)} IOPS`);
+      }
+    }
+  }
+  for (const id of ours) ublkDel(id);
+  sh('losetup', ['-d', `/dev/${kloop}`]);
+  sh('umount', [mnt]);
+  spawnSync('rmmod', ['brd']);
+  spawnSync('rmmod', ['null_blk']);
+
+  const m = (key: string) => median(samples.get(key) ?? [NaN]);
+  const o: Record<string, number> = {};
+  const f1 = (n: number) => n.toFixed(1);
+  console.log(`\nCost of a request, ${header()}, median of ${rounds} interleaved rounds${extra.length ? `, ublk add ${extra.join(' ')}` : ''}\n`);
+  console.log('| server CPU per I/O, 4k randread QD 32 at a fixed rate | IOPS reached | CPU µs per I/O | user | sys | io_uring_enter per I/O |');
+  console.log('|---|---|---|---|---|---|');
+  for (const [name, label, rate] of [['null', 'null', nullRate], ['loop', 'loop, file on ext4 on brd', loopRate]] as const) {
+    console.log(`| ${label} at ${k(rate)} IOPS | ${k(m(`cost_${name}_iops`))} | **${f1(m(`cost_${name}_cpuUs`))}** | ${f1(m(`cost_${name}_userUs`))} | ${f1(m(`cost_${name}_sysUs`))} | ${m(`cost_${name}_entersPerIo`).toFixed(2)} |`);
+    for (const key of ['cpuUs', 'userUs', 'sysUs', 'entersPerIo']) o[`cost_${name}_${key}`] = Number(m(`cost_${name}_${key}`).toFixed(2));
+  }
+  console.log('\n| QD 1 | workload | ours IOPS | p50 / p99 / p99.9 µs | server CPU µs per I/O | kernel IOPS | p50 / p99 / p99.9 µs | ours / kernel |');
+  console.log('|---|---|---|---|---|---|---|---|');
+  for (const [pair, label, rws] of [['null', 'null vs null_blk', ['randread']], ['loop', 'loop vs loop, ext4 on brd', ['randread', 'randwrite']]] as const) {
+    for (const rw of rws) {
+      const q = (side: string, key: string) => m(`qd1_${pair}_${rw}_${side}_${key}`);
+      const lat = (side: string) => `${q(side, 'p50').toFixed(0)} / ${q(side, 'p99').toFixed(0)} / ${q(side, 'p999').toFixed(0)}`;
+      const ratio = q('ours', 'iops') / q('kernel', 'iops');
+      console.log(`| ${label} | ${rw} | ${k(q('ours', 'iops'))} | ${lat('ours')} | ${f1(q('ours', 'cpuUs'))} | ${k(q('kernel', 'iops'))} | ${lat('kernel')} | **${ratio.toFixed(2)}x** |`);
+      if (spin) {
+        const sr = q('spin', 'iops') / q('kernel', 'iops');
+        console.log(`| ${label}, --spin-us ${spinUs} | ${rw} | ${k(q('spin', 'iops'))} | ${lat('spin')} | ${f1(q('spin', 'cpuUs'))} | ${k(q('kernel', 'iops'))} | ${lat('kernel')} | **${sr.toFixed(2)}x** |`);
+        o[`qd1_${pair}_${rw}_spin_iops`] = Math.round(q('spin', 'iops'));
+        o[`qd1_${pair}_${rw}_spin_cpu_us`] = Number(q('spin', 'cpuUs').toFixed(1));
+        o[`qd1_${pair}_${rw}_spin_vs_kernel`] = Number(sr.toFixed(3));
+      }
+      o[`qd1_${pair}_${rw}_iops`] = Math.round(q('ours', 'iops'));
+      o[`qd1_${pair}_${rw}_p50_us`] = Math.round(q('ours', 'p50'));
+      o[`qd1_${pair}_${rw}_p99_us`] = Math.round(q('ours', 'p99'));
+      o[`qd1_${pair}_${rw}_vs_kernel`] = Number(ratio.toFixed(3));
+    }
+  }
+  console.log('\n| at depth | workload | ours IOPS | kernel IOPS | ours / kernel |');
+  console.log('|---|---|---|---|---|');
+  for (const rw of ['randread', 'randwrite']) {
+    const r1 = m(`qd32_loop_${rw}_ours`) / m(`qd32_loop_${rw}_kernel`);
+    console.log(`| loop vs loop, ext4 on brd, 1 job QD 32 | ${rw} | ${k(m(`qd32_loop_${rw}_ours`))} | ${k(m(`qd32_loop_${rw}_kernel`))} | **${r1.toFixed(2)}x** |`);
+    o[`qd32_loop_${rw}_vs_kernel`] = Number(r1.toFixed(3));
+  }
+  for (const rw of ['randread', 'randwrite']) {
+    const r2 = m(`qd128x2_null_${rw}_ours`) / m(`qd128x2_null_${rw}_kernel`);
+    console.log(`| null (2 queues) vs null_blk, 2 jobs x QD 128 | ${rw} | ${k(m(`qd128x2_null_${rw}_ours`))} | ${k(m(`qd128x2_null_${rw}_kernel`))} | **${r2.toFixed(2)}x** |`);
+    o[`qd128x2_null_${rw}_vs_null_blk`] = Number(r2.toFixed(3));
+  }
+  return o;
+}
+
 const k = (n: number) => `${(n / 1000).toFixed(1)}k`;
 const header = () => `${process.env.UBLK_VM_PACKAGE}, ${readdirSync('/sys/devices/system/cpu').filter((d) => /^cpu\d+$/.test(d)).length} vCPUs, fio io_uring 4k, ${seconds} s per point, one boot`;
 const suite = opt('--suite', 'all');
 const out: Record<string, number> = {};
 if (suite === 'all' || suite === 'null') Object.assign(out, await nullSuite());
 if (suite === 'all' || suite === 'loop') Object.assign(out, await loopSuite());
+if (suite === 'cost') Object.assign(out, await costSuite());
 if (json) console.log(JSON.stringify(out));
