@@ -34,6 +34,8 @@ export const ADD_OPTIONS: readonly OptionSpec[] = [
   { key: 'maxIoBytes', names: ['--max-io-bytes'], kind: 'size' },
   { key: 'foreground', names: ['--foreground'], kind: 'flag' },
   { key: 'startTimeout', names: ['--start-timeout'], kind: 'count', min: 1, max: 86400 },
+  // Ours: the low-latency mode (a queue spins up to N µs for the next request before sleeping).
+  { key: 'spinUs', names: ['--spin-us'], kind: 'count', min: 0, max: 1_000_000 },
   // Ours: declare the device under NAME (`ublk up NAME` makes it again), linked by that name.
   { key: 'save', names: ['--save'], kind: 'string' },
   { key: 'b', names: ['-b'], kind: 'flag', refuse: `${NOT_YET('batch I/O (kublk\'s -b, UBLK_F_BATCH_IO)')}; the largest request size is --max-io-bytes` },
@@ -68,6 +70,7 @@ export async function add(argv: string[]): Promise<number> {
     queues: (values.queues as number | undefined) ?? 1,
     depth: (values.depth as number | undefined) ?? 128,
     maxIoBytes: values.maxIoBytes as number | undefined,
+    spinUs: values.spinUs as number | undefined,
     flags: recoveryFlags(values) | (values.noPartScan ? UBLK_F_NO_AUTO_PART_SCAN : 0) | (values.unprivileged ? UBLK_F_UNPRIVILEGED_DEV : 0),
     name: values.save === undefined ? undefined : checkName(values.save as string),
   };

@@ -37,6 +37,8 @@ commands:
                           create /dev/ublkbID served by a background process (or this one)
       [-r 1 | -i 1 | -e 1]  user recovery: the device outlives its server (I/O waits;
                           -i: requests the server held are sent again; -e: I/O fails)
+      [--spin-us N]       low latency: each queue spins up to N µs for the next request
+                          before sleeping (costs a CPU while it spins)
   del -n ID | -a [--async] [--safe]
                           stop and delete one device or all of them (--safe: not while
                           the disk is open or mounted)
@@ -323,7 +325,7 @@ function requireId(cmd: string, values: Record<string, unknown>): number {
 function recoveryConfig(st: DeviceState): ServeConfig {
   return {
     target: st.target, targetOptions: st.targetOptions, devId: st.devId, queues: st.queues, depth: st.depth,
-    maxIoBytes: st.maxIoBytes, flags: st.flags, name: st.name, recover: true,
+    maxIoBytes: st.maxIoBytes, flags: st.flags, spinUs: st.spinUs, name: st.name, recover: true,
   };
 }
 

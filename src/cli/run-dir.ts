@@ -31,6 +31,8 @@ export interface DeviceState {
   maxIoBytes?: number;
   /** The UBLK_F_* flags the device was added with (user recovery). */
   flags?: number;
+  /** --spin-us, kept by recover and upgrade. */
+  spinUs?: number;
   /** Its saved name (`add --save NAME`). */
   name?: string;
   /** The server process. */

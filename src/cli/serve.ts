@@ -45,6 +45,8 @@ export interface ServeConfig {
   maxIoBytes?: number;
   /** UBLK_F_* flags for ADD_DEV (user recovery and its variants). */
   flags?: number;
+  /** --spin-us: the queues' low-latency spin (ServerOptions.spinUs). */
+  spinUs?: number;
   /** The device's saved name (`add --save NAME`): linked in /dev/disk/by-ublk-name while served. */
   name?: string;
   /** Recover device `devId` (whose server died) instead of adding one. */
@@ -144,7 +146,9 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
     }
   };
   try {
-    const common = { target: t.def, targetUrl: t.url, targetOptions: cfg.targetOptions, signal: abort.signal, force: force.signal };
+    const common = {
+      target: t.def, targetUrl: t.url, targetOptions: cfg.targetOptions, signal: abort.signal, force: force.signal, spinUs: cfg.spinUs,
+    };
     server = cfg.recover
       ? await UblkServer.recover({ ...common, devId: cfg.devId! })
       : await UblkServer.start({
@@ -170,7 +174,7 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   }
   const state: DeviceState = {
     devId: id, target: cfg.target, targetOptions: cfg.targetOptions, queues: cfg.queues, depth: cfg.depth,
-    maxIoBytes: cfg.maxIoBytes, flags: cfg.flags, name: cfg.name, pid: process.pid, log: cfg.log, describe: server.spec.describe,
+    maxIoBytes: cfg.maxIoBytes, flags: cfg.flags, spinUs: cfg.spinUs, name: cfg.name, pid: process.pid, log: cfg.log, describe: server.spec.describe,
   };
   try {
     if (!abort.signal.aborted) runDir.writeState(state); // (a signal's stop is already removing the device)

@@ -71,6 +71,8 @@ export const FALLOC_FL_ZERO_RANGE = 0x10;
 // <linux/fs.h>: per-I/O flags (pwritev2, io_uring's sqe->rw_flags)
 /** This write is durable (data, and metadata needed to read it) when it completes: pwritev2's O_DSYNC per call. */
 export const RWF_DSYNC = 0x02;
+/** Fail with EAGAIN instead of waiting (for blocks to be mapped, dirty pages written back, a lock). */
+export const RWF_NOWAIT = 0x08;
 
 // <sys/prctl.h> (<linux/prctl.h>)
 /**

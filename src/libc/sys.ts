@@ -24,6 +24,11 @@ const libc = koffi.load('libc.so.6');
 // fast call path; io_uring_enter with an extended argument needs the seventh (argsz).
 const syscall3 = libc.func('long syscall(long nr, long a, long b, long c)');
 const syscall6 = libc.func('long syscall(long nr, long a, long b, long c, long d, long e)');
+// io_uring_enter's result always fits an int (a count, or -1 with errno): read as one, koffi
+// makes a small integer of it instead of converting a 64-bit value (napi_create_int64 and
+// v8::Number::New were 2.7% of a busy ublk queue thread). glibc's syscall leaves the result in
+// rax; an int return reads eax, the same value for every result io_uring_enter can give.
+const syscall6i = libc.func('int syscall(long nr, long a, long b, long c, long d, long e)');
 const syscall7 = libc.func('long syscall(long nr, long a, long b, long c, long d, long e, long f)');
 
 // Addresses travel as JS numbers: user-space addresses on x86-64/AArch64 are below 2^47, so they
@@ -100,7 +105,8 @@ export function ioUringSetup(entries: number, params: number): number {
 export function ioUringEnter(fd: number, toSubmit: number, minComplete: number, flags: number): number {
   // The sixth kernel argument (argsz) is left unset: the kernel reads it only with EXT_ARG or a
   // non-NULL sigmask pointer, and we pass argp = 0.
-  return negErrno(syscall6(SYS_io_uring_enter, fd, toSubmit, minComplete, flags, 0));
+  const r = syscall6i(SYS_io_uring_enter, fd, toSubmit, minComplete, flags, 0) as number;
+  return r === -1 ? -koffi.errno() : r;
 }
 
 /** `io_uring_enter(2)` with `argp`/`argsz` (IORING_ENTER_EXT_ARG). Returns result or `-errno`. */

@@ -51,15 +51,18 @@ export interface LoopOptions {
 interface LoopDevice {
   fd: number;
   offset: number;
+  /** O_DIRECT (not --buffered): transfers are linked to their commit (see submitRw). */
+  direct: boolean;
 }
 
 /** Counter slots (TargetDefinition.counters). */
 const C_FDATASYNC = 0; // FLUSHes that reached the backing and succeeded
-const C_DSYNC_WRITES = 1; // FUA writes (RWF_DSYNC)
+const C_DSYNC_WRITES = 1; // FUA writes issued (with RWF_DSYNC)
 const C_PUNCH = 2; // fallocate PUNCH_HOLE completed
 const C_ZERO_RANGE = 3; // fallocate ZERO_RANGE (or its fallback) completed
 const C_SHORT = 4; // short transfers resubmitted
 const C_ERRORS = 5; // requests completed with an error
+const C_NOWAIT_RETRIES = 6; // linked transfers that would have blocked, sent again unlinked
 
 export default defineTarget<LoopOptions>({
   name: 'loop',
@@ -72,7 +75,7 @@ export default defineTarget<LoopOptions>({
     '  --block-size N         logical block size, 512 to 4096 (default: the backing\'s)',
     '',
   ].join('\n'),
-  counters: ['fdatasync', 'dsync_writes', 'punch_hole', 'zero_range', 'short_resubmits', 'errors'],
+  counters: ['fdatasync', 'dsync_writes', 'punch_hole', 'zero_range', 'short_resubmits', 'errors', 'nowait_retries'],
 
   parseArgs(argv) {
     const { values, positional } = parseOptions('loop', argv, [
@@ -156,7 +159,7 @@ function deviceSpec(o: LoopOptions, b: Backing): DeviceSpec {
     size = o.sizeBytes;
   }
   const writable = !o.readOnly;
-  const device: LoopDevice = { fd: b.fd, offset: o.offset };
+  const device: LoopDevice = { fd: b.fd, offset: o.offset, direct: !o.buffered };
   // Discard and write-zeroes in one request: the kernel splits larger ones. 1 GiB keeps a
   // single fallocate short enough not to stall the queue for long.
   const maxDiscard = 2 ** 30;
@@ -189,8 +192,12 @@ class LoopQueue implements QueueHandler {
   private readonly fd: number;
   private readonly base: number;
   private readonly counters: Float64Array;
+  /** Link transfers to their commit: O_DIRECT, until the backing refuses RWF_NOWAIT (rwDone). */
+  private link: boolean;
   private fixed = -1;
   private ctx!: QueueContext;
+  /** Per tag: this request's transfers go unlinked (one would have blocked, see rwDone). */
+  private unlinked: Uint8Array = new Uint8Array(0);
   // Per tag: the request in flight.
   private op: Uint8Array = new Uint8Array(0);
   private flags: Uint32Array = new Uint32Array(0);
@@ -211,6 +218,7 @@ class LoopQueue implements QueueHandler {
   constructor(device: LoopDevice, counters: Float64Array) {
     this.fd = device.fd;
     this.base = device.offset;
+    this.link = device.direct;
     this.counters = counters;
   }
 
@@ -224,6 +232,7 @@ class LoopQueue implements QueueHandler {
     this.pos = new Float64Array(n);
     this.len = new Uint32Array(n);
     this.done = new Uint32Array(n);
+    this.unlinked = new Uint8Array(n);
     this.reqs = new Array<IoRequest | undefined>(n);
     for (let tag = 0; tag < n; tag++) {
       this.onRw.push((res) => this.rwDone(tag, res));
@@ -244,6 +253,8 @@ class LoopQueue implements QueueHandler {
         this.pos[tag] = req.offset;
         this.len[tag] = req.length;
         this.done[tag] = 0;
+        this.unlinked[tag] = this.link ? 0 : 1;
+        if (req.op === UBLK_IO_OP_WRITE && req.flags & UBLK_IO_F_FUA) this.counters[C_DSYNC_WRITES]!++;
         this.reqs[tag] = req;
         this.submitRw(tag);
         return undefined;
@@ -287,7 +298,19 @@ class LoopQueue implements QueueHandler {
     this.ctx.track(w, cb);
   }
 
-  /** READ/WRITE of what is left of tag's request. */
+  /**
+   * READ/WRITE of what is left of tag's request.
+   *
+   * On an O_DIRECT backing the transfer goes with RWF_NOWAIT and the queue links the request's
+   * commit behind it (trackAndCommit): when all of it transfers, the kernel answers the request
+   * at once, and rwDone never runs. NOWAIT matters for the link: a transfer that would block is
+   * otherwise handed to an io-wq worker, and io_uring then issues the linked commit from that
+   * worker too; ublk_drv takes a tag's commands only from the thread that fetched it, and on 6.12
+   * such a commit was measured to fail (EBUSY) and leave the request unanswered. With NOWAIT the
+   * transfer fails with EAGAIN instead (the commit is then dropped), and rwDone sends it again,
+   * unlinked, as a plain SQE that may block in io-wq. Buffered backings (mostly page-cache
+   * misses that block) never link.
+   */
   private submitRw(tag: number): void {
     const s = this.ctx.ring.sqes;
     const w = this.sqe();
@@ -295,16 +318,33 @@ class LoopQueue implements QueueHandler {
     const a = this.addr[tag]! + done;
     const n = this.len[tag]! - done;
     const off = this.base + this.pos[tag]! + done;
+    const link = this.unlinked[tag] === 0;
+    let rwFlags = link ? libc.RWF_NOWAIT : 0;
     if (this.op[tag] === UBLK_IO_OP_READ) {
       prepRead(s, w, this.fixed, a, n, off);
     } else {
       prepWrite(s, w, this.fixed, a, n, off);
-      if (this.flags[tag]! & UBLK_IO_F_FUA) setOpFlags(s, w, libc.RWF_DSYNC); // sqe->rw_flags
+      if (this.flags[tag]! & UBLK_IO_F_FUA) {
+        rwFlags |= libc.RWF_DSYNC;
+      }
     }
-    this.issue(w, this.onRw[tag]!);
+    if (rwFlags) setOpFlags(s, w, rwFlags); // sqe->rw_flags
+    setFlags(s, w, uringAbi.IOSQE_FIXED_FILE);
+    if (link) this.ctx.trackAndCommit(w, n, this.len[tag]!, this.onRw[tag]!);
+    else this.ctx.track(w, this.onRw[tag]!);
   }
 
   private rwDone(tag: number, res: number): void {
+    if ((res === -libc.EAGAIN || res === -libc.EOPNOTSUPP) && this.unlinked[tag] === 0) {
+      // A NOWAIT transfer that would have blocked: again, as a plain SQE (see submitRw). A
+      // backing that refuses NOWAIT outright (EOPNOTSUPP: tmpfs writes on 6.12) is never linked
+      // again: its transfers run inline anyway (loop opens tmpfs files O_NONBLOCK).
+      if (res === -libc.EOPNOTSUPP) this.link = false;
+      this.unlinked[tag] = 1;
+      this.counters[C_NOWAIT_RETRIES]!++;
+      this.submitRw(tag);
+      return;
+    }
     if (res < 0) return this.fail(tag, res);
     const len = this.len[tag]!;
     if (res === 0) {
@@ -321,7 +361,6 @@ class LoopQueue implements QueueHandler {
       this.submitRw(tag);
       return;
     }
-    if (this.op[tag] === UBLK_IO_OP_WRITE && this.flags[tag]! & UBLK_IO_F_FUA) this.counters[C_DSYNC_WRITES]!++;
     this.reqs[tag] = undefined;
     this.ctx.complete(tag, len);
   }

@@ -40,6 +40,7 @@ try {
     depth: data.depth,
     maxIoBytes: data.maxIoBytes,
     drainTimeoutMs: data.drainTimeoutMs,
+    spinUs: data.spinUs,
     handler,
     wakeFd: data.wakeFd,
     log: (line) => send({ kind: 'log', qid: data.qid, line }),

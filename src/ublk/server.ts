@@ -61,6 +61,11 @@ export interface ServerOptions<O> {
   /** How long a stopping queue waits for its target's I/O before keeping its buffers (default 10 s). */
   drainTimeoutMs?: number;
   /**
+   * Low-latency mode: before sleeping in io_uring_enter, a queue thread spins this many
+   * microseconds watching its rings for the next request (UblkQueueOptions.spinUs). Default 0.
+   */
+  spinUs?: number;
+  /**
    * Aborting it (during start() or any time after) makes every queue fail the requests its
    * target holds, and all later ones, with EIO (UblkQueue.failHeld): the way out when a target
    * that never answers holds START_DEV or STOP_DEV in the kernel.
@@ -397,7 +402,7 @@ async function attachQueues<O>(a: {
   for (let qid = 0; qid < info.nrHwQueues; qid++) {
     started.push(spawnQueue({
       info, charFd: a.charFd, qid, targetUrl: a.targetUrl, targetOptions: opts.targetOptions ?? {}, device: a.spec.queueData,
-      nrCounters: a.nrCounters, asyncTarget: opts.asyncTarget, drainTimeoutMs: opts.drainTimeoutMs, log: opts.log,
+      nrCounters: a.nrCounters, asyncTarget: opts.asyncTarget, drainTimeoutMs: opts.drainTimeoutMs, spinUs: opts.spinUs, log: opts.log,
     }));
   }
   opts.force?.addEventListener('abort', () => started.forEach((q) => signalQueue(q, CONTROL_FAIL_HELD)), { once: true });
@@ -469,6 +474,7 @@ interface SpawnOptions {
   nrCounters: number;
   asyncTarget?: AsyncTarget;
   drainTimeoutMs?: number;
+  spinUs?: number;
   log?: (line: string) => void;
 }
 
@@ -486,6 +492,7 @@ function spawnQueue(o: SpawnOptions): QueueThread {
     depth: o.info.queueDepth,
     maxIoBytes: o.info.maxIoBufBytes,
     drainTimeoutMs: o.drainTimeoutMs,
+    spinUs: o.spinUs,
     targetUrl: o.targetUrl,
     targetOptions: o.targetOptions,
     wakeFd,
@@ -500,7 +507,7 @@ function spawnQueue(o: SpawnOptions): QueueThread {
   const done = new Promise<Extract<QueueMessage, { kind: 'done' }> | undefined>((resolve) => {
     let report: Extract<QueueMessage, { kind: 'done' }> | undefined;
     const failed = (error: string) => ({ kind: 'done' as const, qid: o.qid, served: 0, error,
-      close: { drained: false, inFlight: 0, held: 0, bufBase: 0, bufBytes: 0 } });
+      close: { drained: false, inFlight: 0, held: 0, unresolvedLinks: 0, bufBase: 0, bufBytes: 0 } });
     worker.on('message', (m: QueueMessage) => {
       switch (m.kind) {
         case 'log': (o.log ?? writeStderr)(m.line); break;

@@ -262,7 +262,16 @@ export function prepUringCmd(s: Uint32Array, w: number, cmdOp: number, fd: numbe
   s[w + 9] = 0;
   s[w + 10] = 0;
   s[w + 11] = 0;
-  s.fill(0, w + 12, w + 12 + payloadWords);
+  if (payloadWords === 4) {
+    // The 16-byte payload of a 64-byte SQE, unrolled: TypedArray.prototype.fill is a builtin
+    // call, measured at 2.4% of a ublk queue thread's time when every command went through it.
+    s[w + 12] = 0;
+    s[w + 13] = 0;
+    s[w + 14] = 0;
+    s[w + 15] = 0;
+  } else {
+    s.fill(0, w + 12, w + 12 + payloadWords);
+  }
 }
 
 /** The word index of the command payload of the SQE at `w` (`sqe->cmd`, byte 48). */

@@ -353,6 +353,14 @@ export class IoUring {
     return (tail - Atomics.load(this.sq, this.sqHead)) >>> 0;
   }
 
+  /**
+   * IORING_SQ_TASKRUN is set: the kernel queued task work (completions) that only an enter with
+   * GETEVENTS runs. Raised only on rings set up with IORING_SETUP_TASKRUN_FLAG.
+   */
+  taskRunPending(): boolean {
+    return (Atomics.load(this.sq, this.sqFlags) & IORING_SQ_TASKRUN) !== 0;
+  }
+
   /** `cq_ring_needs_flush`: overflowed CQEs or pending task work only an enter will deliver. */
   cqNeedsFlush(): boolean {
     return (Atomics.load(this.sq, this.sqFlags) & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN)) !== 0;

@@ -25,9 +25,17 @@ export class TargetHarness implements QueueContext {
   readonly results = new Map<number, number>();
   /** Every SQE the handler tracked, copied as 16 words before submission. */
   readonly sqes: Uint32Array[] = [];
+  /** The CQE result of each of those SQEs, in the same order (undefined until it completed). */
+  readonly sqeResults: Array<number | undefined> = [];
   /** When set, called with each tracked SQE's words before it is submitted (to alter it). */
   tamper: ((s: Uint32Array, w: number) => void) | undefined;
   private readonly callbacks: Array<((res: number, flags: number) => void) | undefined> = [];
+  /** Per callback slot: the request it belongs to. */
+  private readonly slotTag: number[] = [];
+  /** The request whose handler or callback runs, -1 outside them (the queue's currentTag). */
+  private current = -1;
+  /** trackAndCommit()s seen (the queue would link their commit; here they only complete). */
+  trackAndCommits = 0;
   private inFlight = 0;
   private files: number[] = [];
 
@@ -61,10 +69,19 @@ export class TargetHarness implements QueueContext {
   track(w: number, onCqe: (res: number, flags: number) => void): void {
     const slot = this.callbacks.length;
     this.callbacks.push(onCqe);
+    this.slotTag.push(this.current);
     this.inFlight++;
     setUserData2(this.ring.sqes, w, slot, 0);
     this.tamper?.(this.ring.sqes, w);
     this.sqes.push(this.ring.sqes.slice(w, w + 16));
+  }
+
+  /** As the queue does it, without the link: a CQE of exactly `expect` completes the request with `result`. */
+  trackAndCommit(w: number, expect: number, result: number, onCqe: (res: number, flags: number) => void): void {
+    const tag = this.current;
+    if (tag < 0) throw new Error('trackAndCommit outside a request');
+    this.trackAndCommits++;
+    this.track(w, (res, flags) => (res === expect ? this.complete(tag, result) : onCqe(res, flags)));
   }
 
   complete(tag: number, result: number): void {
@@ -85,7 +102,13 @@ export class TargetHarness implements QueueContext {
       address: this.bufs.address + tag * this.maxIoBytes,
     };
     this.results.delete(tag);
-    const r = this.handler.handle(req, this);
+    this.current = tag;
+    let r: number | undefined;
+    try {
+      r = this.handler.handle(req, this);
+    } finally {
+      this.current = -1;
+    }
     if (r !== undefined) this.complete(tag, r);
   }
 
@@ -103,7 +126,13 @@ export class TargetHarness implements QueueContext {
         const cb = this.callbacks[slot]!;
         this.callbacks[slot] = undefined;
         this.inFlight--;
-        cb(res, flags);
+        this.sqeResults[slot] = res;
+        this.current = this.slotTag[slot]!;
+        try {
+          cb(res, flags);
+        } finally {
+          this.current = -1;
+        }
       }
       this.ring.cqAdvance(ready);
     }

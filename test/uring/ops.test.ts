@@ -322,3 +322,41 @@ t.test('SEND and RECV over a socketpair', (t) => {
   t.equal(m.bytes(2048, 5).toString(), 'howdy');
   t.end();
 });
+
+// The rules the ublk queue's linked commit relies on (queue.ts, trackAndCommit): a READ marked
+// IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS posts no CQE when it reads everything it asked for, and
+// then starts the next SQE of its chain. A short read counts as a failure (a result other than
+// the requested length sets REQ_F_FAIL, io_uring/rw.c): it posts its CQE with the short count,
+// and because it was a skip-on-success request the rest of the chain is cancelled WITHOUT CQEs
+// (req_set_fail turns REQ_F_CQE_SKIP into REQ_F_SKIP_LINK_CQES, io_uring.h, since 5.17).
+t.test('a linked READ with CQE_SKIP_SUCCESS: silent when whole; when short, its CQE and a chain cancelled in silence', (t) => {
+  const dir = tempDir(t);
+  const path = join(dir, 'f');
+  writeFileSync(path, pattern(6000, 3));
+  const fd = openSync(path, 'r');
+  const ring = new IoUring(8);
+  const m = Mapping.anonymous(8192);
+  t.teardown(() => { ring.close(); m.unmap(); closeSync(fd); });
+  const chain = (off: number) => {
+    let w = ring.getSqe();
+    prepRead(ring.sqes, w, fd, m.address, 4096, off);
+    setFlags(ring.sqes, w, abi.IOSQE_IO_LINK | abi.IOSQE_CQE_SKIP_SUCCESS);
+    setUserData(ring.sqes, w, 1);
+    w = ring.getSqe();
+    prepNop(ring.sqes, w);
+    setUserData(ring.sqes, w, 2);
+  };
+  chain(0);
+  t.same(runAll(ring, 1), [{ userData: 2, res: 0, flags: 0 }], 'a whole read: only the NOP behind it completes');
+  t.ok(m.bytes(0, 4096).equals(pattern(6000, 3).subarray(0, 4096)), 'and the data arrived before it');
+  chain(4096);
+  // A plain NOP after the chain: once its CQE is in, the chain's would be too.
+  const w = ring.getSqe();
+  prepNop(ring.sqes, w);
+  setUserData(ring.sqes, w, 3);
+  ring.submitAndWaitTimeout(2, 1000);
+  ring.submitAndWaitTimeout(3, 200); // a third CQE, if the kernel posted one for the NOP in the chain
+  t.same(reap(ring, ring.cqReady()).map((c) => [c.userData, c.res]).sort((a, b) => a[0]! - b[0]!),
+    [[1, 6000 - 4096], [3, 0]], 'a short read: its CQE with the short count, and none for the NOP it cancelled');
+  t.end();
+});

@@ -4,8 +4,8 @@
  * IoUring tests, which assert ring state rather than only end results.
  */
 import t from 'tap';
-import { IoUring, prepNop, setUserData, setUserData2, abi } from '../../src/uring/index.js';
-import { reap } from '../helpers/uring.js';
+import { IoUring, Mapping, prepNop, prepRecv, setUserData, setUserData2, abi, sys } from '../../src/uring/index.js';
+import { reap, socketpair } from '../helpers/uring.js';
 
 t.test('SQ and CQ indexes after each step of one NOP round trip', (t) => {
   const ring = new IoUring(4);
@@ -237,5 +237,28 @@ t.test('submitAndWaitTimeout: false when nothing completes in time, true (and th
   t.equal(ring.cqeUserData(ring.peekCqe()), 77);
   ring.cqAdvance(1);
   t.same(ring.sqState().pending, 0, 'nothing left unsubmitted');
+  t.end();
+});
+
+// What the ublk queue's low-latency spin watches (queue.ts, spin): on a DEFER_TASKRUN ring a
+// completion that arrives as task work is not in the CQ until an enter runs it, but with
+// IORING_SETUP_TASKRUN_FLAG the kernel raises IORING_SQ_TASKRUN in the SQ flags as it queues it.
+t.test('DEFER_TASKRUN + TASKRUN_FLAG: queued task work shows as IORING_SQ_TASKRUN, not as a CQE, until an enter runs it', (t) => {
+  const ring = new IoUring(4, { flags: abi.IORING_SETUP_SINGLE_ISSUER | abi.IORING_SETUP_DEFER_TASKRUN | abi.IORING_SETUP_TASKRUN_FLAG });
+  const [a, b] = socketpair();
+  const buf = Mapping.anonymous(4096);
+  t.teardown(() => { ring.close(); sys.close(a); sys.close(b); buf.unmap(); });
+  // A RECV with nothing to read waits on the socket's poll; data makes the poll queue task work.
+  const w = ring.getSqe();
+  prepRecv(ring.sqes, w, a, buf.address, 16, 0);
+  setUserData(ring.sqes, w, 7);
+  t.equal(ring.submit(), 1);
+  t.equal(ring.taskRunPending(), false, 'nothing queued yet');
+  sys.write(b, buf.address, 5);
+  t.equal(ring.cqReady(), 0, 'the completion is not in the CQ');
+  t.equal(ring.taskRunPending(), true, 'but IORING_SQ_TASKRUN says task work waits');
+  ring.getEvents(0);
+  t.equal(ring.taskRunPending(), false, 'an enter ran it and cleared the flag');
+  t.same(reap(ring).map((c) => [c.userData, c.res]), [[7, 5]], 'and the CQE is there');
   t.end();
 });

@@ -192,6 +192,41 @@ t.test('blkdiscard punches holes in the backing (a range, then the whole device)
   rmSync(file);
 });
 
+// The case that hung on 6.12 when a transfer linked to its commit went to an io-wq worker: a
+// backing on ext4 whose page cache is dirty (written and never synced), so O_DIRECT transfers
+// must wait for writeback, read at a fixed rate (the queue sleeps between requests). The
+// transfers go NOWAIT, fail EAGAIN, and are sent again unlinked; every read must come back, with
+// the bytes that were written.
+t.test('O_DIRECT transfers that would block (dirty page cache on ext4) are sent again unlinked: every request answered, bytes intact', async (t) => {
+  const m = sh('modprobe', ['-d', process.env.UBLK_VM_KROOT ?? '/', 'brd', 'rd_nr=1', 'rd_size=196608']);
+  t.equal(m.code, 0, `modprobe brd ${m.err}`);
+  const mnt = join(work, 'ext4');
+  mkdirSync(mnt);
+  t.equal(sh('mkfs.ext4', ['-q', '/dev/ram0']).code, 0, 'mkfs.ext4 on brd');
+  t.equal(sh('mount', ['/dev/ram0', mnt]).code, 0, 'mounted');
+  t.teardown(() => { sh('umount', [mnt]); sh('rmmod', ['brd']); });
+  const file = join(mnt, 'dirty.img');
+  const data = randomBytes(128 * MiB);
+  writeFileSync(file, data); // dirty in the page cache: no sync
+  const { server, dev } = await startLoop(file);
+  const r = sh('fio', ['--name=r', `--filename=${dev}`, '--rw=randread', '--bs=4k', '--iodepth=32', '--ioengine=io_uring', '--direct=1',
+    '--time_based', '--runtime=3', '--rate_iops=4000', '--output-format=json']);
+  t.equal(r.code, 0, `fio randread at a fixed rate finished (it hung before) ${r.err}`);
+  const read = sh('python3', ['-c', `import os,sys,hashlib
+fd=os.open(sys.argv[1],os.O_RDONLY|os.O_DIRECT); import mmap; b=mmap.mmap(-1,1<<20); h=hashlib.sha256()
+while True:
+  n=os.readv(fd,[b])
+  if n<=0: break
+  h.update(b[:n])
+print(h.hexdigest())`, dev]);
+  const { createHash } = await import('node:crypto');
+  t.equal(read.out.trim(), createHash('sha256').update(data).digest('hex'), 'the whole device reads back as the bytes written to the file');
+  const c = server.counters();
+  t.ok(c.nowait_retries! > 0, `${c.nowait_retries} transfers would have blocked and were sent again unlinked`);
+  t.equal(c.errors, 0, 'no request failed');
+  await server.stop();
+});
+
 t.test('FLUSH reaches the backing as fdatasync; O_DSYNC writes are FUA writes with RWF_DSYNC', async (t) => {
   const file = sparse('flush.img', 64 * MiB);
   const { server, dev } = await startLoop(file);
