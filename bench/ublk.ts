@@ -76,6 +76,21 @@ async function asyncAdd(queues: number): Promise<{ devId: number; stop: () => Pr
   return { devId, stop: () => new Promise((res) => { child.once('exit', () => res()); child.kill('SIGTERM'); }) };
 }
 
+/**
+ * A fresh ext4 on the last of `disks` brd RAM disks of `mib` MiB each (the loop module loaded
+ * too), mounted at /tmp/ublk-bench-ext4; returns the mount point. The others stay raw.
+ */
+function ext4OnBrd(disks: number, mib: number): string {
+  const mnt = '/tmp/ublk-bench-ext4';
+  spawnSync('modprobe', ['-d', KROOT, 'loop']);
+  spawnSync('rmmod', ['brd']);
+  sh('modprobe', ['-d', KROOT, 'brd', `rd_nr=${disks}`, `rd_size=${mib * 1024}`]);
+  sh('mkfs.ext4', ['-q', `/dev/ram${disks - 1}`]);
+  sh('mkdir', ['-p', mnt]);
+  sh('mount', [`/dev/ram${disks - 1}`, mnt]);
+  return mnt;
+}
+
 interface Row { key: string; queues: number; rw: string; qd: number; ours: number; async: number; nullBlk: number }
 async function nullSuite(): Promise<Record<string, number>> {
   const rows: Row[] = [];
@@ -126,16 +141,10 @@ async function loopSuite(): Promise<Record<string, number>> {
   const size = 512;
   const rounds = Number(opt('--rounds', '1'));
   const tmpfsFile = '/tmp/ublk-bench.img';
-  const mnt = '/tmp/ublk-bench-ext4';
-  const ext4File = `${mnt}/ublk-bench.img`;
   sh('dd', ['if=/dev/urandom', `of=${tmpfsFile}`, 'bs=1M', `count=${size}`, 'status=none']);
-  spawnSync('modprobe', ['-d', KROOT, 'loop']);
-  spawnSync('rmmod', ['brd']);
   // ram0 for mem vs brd, ram1 for the ext4 backing (room for the file plus ext4's metadata).
-  sh('modprobe', ['-d', KROOT, 'brd', 'rd_nr=2', `rd_size=${(size + 128) * 1024}`]);
-  sh('mkfs.ext4', ['-q', '/dev/ram1']);
-  sh('mkdir', ['-p', mnt]);
-  sh('mount', ['/dev/ram1', mnt]);
+  const mnt = ext4OnBrd(2, size + 128);
+  const ext4File = `${mnt}/ublk-bench.img`;
   sh('cp', [tmpfsFile, ext4File]);
   sh('sync', []);
   // No cached pages over the file: O_DIRECT over cached pages is slower for both loops.
@@ -327,17 +336,11 @@ async function costSuite(): Promise<Record<string, number>> {
   const loopRate = Number(opt('--loop-rate', '8000'));
   const extra = opt('--add-args', '').split(' ').filter(Boolean);
   const size = 512;
-  const mnt = '/tmp/ublk-bench-ext4';
-  const file = `${mnt}/ublk-bench.img`;
   spawnSync('rmmod', ['null_blk']);
   sh('modprobe', ['-d', KROOT, 'null_blk', 'nr_devices=1', 'queue_mode=2', 'submit_queues=2', 'hw_queue_depth=128', 'irqmode=0', 'gb=250', 'bs=512']);
   setNone('nullb0');
-  spawnSync('modprobe', ['-d', KROOT, 'loop']);
-  spawnSync('rmmod', ['brd']);
-  sh('modprobe', ['-d', KROOT, 'brd', 'rd_nr=1', `rd_size=${(size + 128) * 1024}`]);
-  sh('mkfs.ext4', ['-q', '/dev/ram0']);
-  sh('mkdir', ['-p', mnt]);
-  sh('mount', ['/dev/ram0', mnt]);
+  const mnt = ext4OnBrd(1, size + 128);
+  const file = `${mnt}/ublk-bench.img`;
   sh('dd', ['if=/dev/urandom', `of=${file}`, 'bs=1M', `count=${size}`, 'status=none']);
   sh('sync', []);
   writeFileSync('/proc/sys/vm/drop_caches', '3');

@@ -192,19 +192,18 @@ class LoopQueue implements QueueHandler {
   private readonly fd: number;
   private readonly base: number;
   private readonly counters: Float64Array;
-  /** Link transfers to their commit: O_DIRECT, until the backing refuses RWF_NOWAIT (rwDone). */
-  private link: boolean;
   private fixed = -1;
   private ctx!: QueueContext;
   /**
    * Per op (READ 0, WRITE 1): linked NOWAIT transfers sent, and how many said EAGAIN. Where a
    * backing often would block (ext4 on 7.3 answers about a fifth of NOWAIT overwrites EAGAIN,
    * 6.12 almost none), each such transfer pays a trip through this thread before io-wq, so
-   * linking that op stops once more than one in eight says EAGAIN (see rwDone).
+   * linking that op stops once more than one in eight says EAGAIN; a backing that refuses
+   * NOWAIT outright stops it for both (see rwDone). Buffered backings never link.
    */
   private readonly linkedByOp = new Float64Array(2);
   private readonly eagainByOp = new Float64Array(2);
-  private readonly linkOp = new Uint8Array([1, 1]);
+  private readonly linkOp: Uint8Array;
   /** Per tag: this request's transfers go unlinked (one would have blocked, see rwDone). */
   private unlinked: Uint8Array = new Uint8Array(0);
   // Per tag: the request in flight.
@@ -227,7 +226,7 @@ class LoopQueue implements QueueHandler {
   constructor(device: LoopDevice, counters: Float64Array) {
     this.fd = device.fd;
     this.base = device.offset;
-    this.link = device.direct;
+    this.linkOp = new Uint8Array(2).fill(device.direct ? 1 : 0);
     this.counters = counters;
   }
 
@@ -262,7 +261,7 @@ class LoopQueue implements QueueHandler {
         this.pos[tag] = req.offset;
         this.len[tag] = req.length;
         this.done[tag] = 0;
-        this.unlinked[tag] = this.link && this.linkOp[req.op]! ? 0 : 1;
+        this.unlinked[tag] = this.linkOp[req.op] ? 0 : 1;
         if (req.op === UBLK_IO_OP_WRITE && req.flags & UBLK_IO_F_FUA) this.counters[C_DSYNC_WRITES]!++;
         this.reqs[tag] = req;
         this.submitRw(tag);
@@ -338,12 +337,10 @@ class LoopQueue implements QueueHandler {
       }
     }
     if (rwFlags) setOpFlags(s, w, rwFlags); // sqe->rw_flags
+    if (!link) return this.issue(w, this.onRw[tag]!);
     setFlags(s, w, uringAbi.IOSQE_FIXED_FILE);
-    if (link) {
-      this.linkedByOp[this.op[tag]!]!++;
-      this.ctx.trackAndCommit(w, n, this.len[tag]!, this.onRw[tag]!);
-    }
-    else this.ctx.track(w, this.onRw[tag]!);
+    this.linkedByOp[this.op[tag]!]!++;
+    this.ctx.trackAndCommit(w, n, this.len[tag]!, this.onRw[tag]!);
   }
 
   private rwDone(tag: number, res: number): void {
@@ -351,9 +348,9 @@ class LoopQueue implements QueueHandler {
       // A NOWAIT transfer that would have blocked: again, as a plain SQE (see submitRw). A
       // backing that refuses NOWAIT outright (EOPNOTSUPP: tmpfs writes on 6.12) is never linked
       // again: its transfers run inline anyway (loop opens tmpfs files O_NONBLOCK).
-      if (res === -libc.EOPNOTSUPP) this.link = false;
       const op = this.op[tag]!;
-      if (++this.eagainByOp[op]! * 8 > this.linkedByOp[op]! && this.linkedByOp[op]! >= 64) this.linkOp[op] = 0;
+      if (res === -libc.EOPNOTSUPP) this.linkOp.fill(0);
+      else if (++this.eagainByOp[op]! * 8 > this.linkedByOp[op]! && this.linkedByOp[op]! >= 64) this.linkOp[op] = 0;
       this.unlinked[tag] = 1;
       this.counters[C_NOWAIT_RETRIES]!++;
       this.submitRw(tag);

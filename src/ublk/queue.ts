@@ -831,12 +831,7 @@ export class UblkQueue implements QueueContext {
     for (let i = 1; ; i++) {
       if (ring.cqReady() > 0) return;
       if (ring.taskRunPending()) {
-        try {
-          ring.getEvents(0);
-        } catch (e) {
-          if (e instanceof SysError && (e.errno === libc.EAGAIN || e.errno === libc.EBUSY)) return; // run()'s enter copes
-          throw e;
-        }
+        this.enter(0); // TASKRUN makes it enter with GETEVENTS (cqNeedsFlush); back-pressure handled there
         continue;
       }
       // The clock is read every 64 rounds: a look at the rings is far cheaper than a clock read.
