@@ -69,6 +69,15 @@ function ublkAdd(a: string[]): number {
 }
 const ublkDel = (id: number) => sh(process.execPath, [join(root, 'bin', 'ublk.js'), 'del', '-n', String(id)]);
 
+/**
+ * The C reference server (ublksrv's `ublk` binary, `--c-ublk PATH`), driven through its own
+ * CLI: it prints the same "dev id N" line, and our `list` reads its pid from the kernel.
+ */
+function cAdd(bin: string, a: string[]): number {
+  const out = sh(bin, ['add', ...a]);
+  return Number(out.match(/dev id (\d+)/)![1]);
+}
+
 async function asyncAdd(queues: number): Promise<{ devId: number; stop: () => Promise<void> }> {
   const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'bench', 'ublk-async-null.ts'), String(queues)], { stdio: ['ignore', 'pipe', 'inherit'] });
   const line = await new Promise<string>((res) => createInterface({ input: child.stdout }).once('line', res));
@@ -328,7 +337,9 @@ const median = (a: number[]) => {
  *   - QD 1 IOPS and completion-latency percentiles: null vs null_blk, loop vs the kernel loop;
  *   - QD 32: loop vs the kernel loop; null with 2 queues x 2 jobs x QD 128 vs null_blk.
  * `--add-args "..."` adds options to every `ublk add` (to compare a mode in the same boot as
- * another run's). Medians over --rounds (default 3).
+ * another run's). `--c-ublk PATH` (C ublksrv's `ublk` binary, built as the README says) adds
+ * the C server's null and loop devices to every measurement, so ours/C is a same-boot ratio.
+ * Medians over --rounds (default 3).
  */
 async function costSuite(): Promise<Record<string, number>> {
   const rounds = Number(opt('--rounds', '3'));
@@ -357,25 +368,42 @@ async function costSuite(): Promise<Record<string, number>> {
   } : undefined;
   const ours = [null1, null2, loop, ...(spin ? [spin.null, spin.loop] : [])];
   for (const id of ours) setNone(`ublkb${id}`);
-  const pids = { null: serverPid(null1), loop: serverPid(loop) };
-  const pidOf = new Map(ours.map((id) => [`ublkb${id}`, serverPid(id)]));
+  const cBin = opt('--c-ublk', '');
+  const c = cBin ? {
+    null1: cAdd(cBin, ['-t', 'null', '-q', '1', '-d', '128']),
+    null2: cAdd(cBin, ['-t', 'null', '-q', '2', '-d', '128']),
+    loop: cAdd(cBin, ['-t', 'loop', '-q', '1', '-d', '128', '-f', file]),
+  } : undefined;
+  const theirs = c ? [c.null1, c.null2, c.loop] : [];
+  for (const id of theirs) setNone(`ublkb${id}`);
+  const pidOf = new Map([...ours, ...theirs].map((id) => [`ublkb${id}`, serverPid(id)]));
+  const costed: Array<[string, number, number]> = [['null', null1, nullRate], ['loop', loop, loopRate]];
+  if (c) costed.push(['c_null', c.null1, nullRate], ['c_loop', c.loop, loopRate]);
 
   const samples = new Map<string, number[]>();
   const put = (key: string, v: number) => samples.set(key, [...(samples.get(key) ?? []), v]);
   const log = (line: string) => process.stderr.write(`bench: ${line}\n`);
+  // Warm-up: V8 compiles the hot path in its background threads during the first seconds, and
+  // that CPU would otherwise be charged to the first round's requests.
+  for (const id of [...ours, ...theirs]) {
+    sh('fio', ['--name=w', `--filename=/dev/ublkb${id}`, '--rw=randread', '--bs=4k', '--iodepth=32', '--ioengine=io_uring',
+      '--direct=1', '--time_based', '--runtime=2', '--output-format=json']);
+  }
   for (let round = 1; round <= rounds; round++) {
-    for (const [name, dev, pid, rate] of [['null', `ublkb${null1}`, pids.null, nullRate], ['loop', `ublkb${loop}`, pids.loop, loopRate]] as const) {
-      const c = serverCost(dev, pid, rate);
-      for (const [key, v] of Object.entries(c)) put(`cost_${name}_${key}`, v);
-      log(`round ${round}/${rounds} ${name} at ${rate} IOPS: ${c.iops.toFixed(0)} IOPS, ${c.cpuUs.toFixed(1)} µs CPU per I/O (${c.userUs.toFixed(1)} user + ${c.sysUs.toFixed(1)} sys), ${c.entersPerIo.toFixed(2)} enters per I/O`);
+    for (const [name, id, rate] of costed) {
+      const dev = `ublkb${id}`;
+      const r = serverCost(dev, pidOf.get(dev)!, rate);
+      for (const [key, v] of Object.entries(r)) put(`cost_${name}_${key}`, v);
+      log(`round ${round}/${rounds} ${name} at ${rate} IOPS: ${r.iops.toFixed(0)} IOPS, ${r.cpuUs.toFixed(1)} µs CPU per I/O (${r.userUs.toFixed(1)} user + ${r.sysUs.toFixed(1)} sys), ${r.entersPerIo.toFixed(2)} enters per I/O`);
     }
-    for (const [pair, ours, kernel, rws, spinning] of [
-      ['null', `ublkb${null1}`, 'nullb0', ['randread'], spin && `ublkb${spin.null}`],
-      ['loop', `ublkb${loop}`, kloop, ['randread', 'randwrite'], spin && `ublkb${spin.loop}`],
+    for (const [pair, ours, kernel, rws, spinning, cdev] of [
+      ['null', `ublkb${null1}`, 'nullb0', ['randread'], spin && `ublkb${spin.null}`, c && `ublkb${c.null1}`],
+      ['loop', `ublkb${loop}`, kloop, ['randread', 'randwrite'], spin && `ublkb${spin.loop}`, c && `ublkb${c.loop}`],
     ] as const) {
       for (const rw of rws) {
         const sides: Array<[string, string]> = [['ours', ours], ['kernel', kernel]];
         if (spinning) sides.push(['spin', spinning]);
+        if (cdev) sides.push(['c', cdev]);
         for (const [side, dev] of sides) {
           const pid = pidOf.get(dev);
           const c0 = pid ? processCpu(pid) : undefined;
@@ -391,19 +419,20 @@ async function costSuite(): Promise<Record<string, number>> {
       }
     }
     for (const rw of ['randread', 'randwrite']) {
-      for (const [side, dev] of [['ours', `ublkb${loop}`], ['kernel', kloop]] as const) {
-        const iops = runFio(dev, rw, 32, 1);
+      for (const [side, dev] of [['ours', `ublkb${loop}`], ['kernel', kloop], ...(c ? [['c', `ublkb${c.loop}`]] : [])]) {
+        const iops = runFio(dev!, rw, 32, 1);
         put(`qd32_loop_${rw}_${side}`, iops);
         log(`round ${round}/${rounds} QD32 loop ${rw} ${side}: ${iops.toFixed(0)} IOPS`);
       }
-      for (const [side, dev] of [['ours', `ublkb${null2}`], ['kernel', 'nullb0']] as const) {
-        const iops = runFio(dev, rw, 128, 2);
+      for (const [side, dev] of [['ours', `ublkb${null2}`], ['kernel', 'nullb0'], ...(c ? [['c', `ublkb${c.null2}`]] : [])]) {
+        const iops = runFio(dev!, rw, 128, 2);
         put(`qd128x2_null_${rw}_${side}`, iops);
         log(`round ${round}/${rounds} 2 jobs x QD128 null ${rw} ${side}: ${iops.toFixed(0)} IOPS`);
       }
     }
   }
   for (const id of ours) ublkDel(id);
+  for (const id of theirs) sh(cBin, ['del', '-n', String(id)]);
   sh('losetup', ['-d', `/dev/${kloop}`]);
   sh('umount', [mnt]);
   spawnSync('rmmod', ['brd']);
@@ -415,7 +444,9 @@ async function costSuite(): Promise<Record<string, number>> {
   console.log(`\nCost of a request, ${header()}, median of ${rounds} interleaved rounds${extra.length ? `, ublk add ${extra.join(' ')}` : ''}\n`);
   console.log('| server CPU per I/O, 4k randread QD 32 at a fixed rate | IOPS reached | CPU µs per I/O | user | sys | io_uring_enter per I/O |');
   console.log('|---|---|---|---|---|---|');
-  for (const [name, label, rate] of [['null', 'null', nullRate], ['loop', 'loop, file on ext4 on brd', loopRate]] as const) {
+  const costRows: Array<[string, string, number]> = [['null', 'null', nullRate], ['loop', 'loop, file on ext4 on brd', loopRate]];
+  if (c) costRows.push(['c_null', 'C ublksrv null', nullRate], ['c_loop', 'C ublksrv loop, same file', loopRate]);
+  for (const [name, label, rate] of costRows) {
     console.log(`| ${label} at ${k(rate)} IOPS | ${k(m(`cost_${name}_iops`))} | **${f1(m(`cost_${name}_cpuUs`))}** | ${f1(m(`cost_${name}_userUs`))} | ${f1(m(`cost_${name}_sysUs`))} | ${m(`cost_${name}_entersPerIo`).toFixed(2)} |`);
     for (const key of ['cpuUs', 'userUs', 'sysUs', 'entersPerIo']) o[`cost_${name}_${key}`] = Number(m(`cost_${name}_${key}`).toFixed(2));
   }
@@ -434,23 +465,42 @@ async function costSuite(): Promise<Record<string, number>> {
         o[`qd1_${pair}_${rw}_spin_cpu_us`] = Number(q('spin', 'cpuUs').toFixed(1));
         o[`qd1_${pair}_${rw}_spin_vs_kernel`] = Number(sr.toFixed(3));
       }
+      if (c) {
+        const cr = q('c', 'iops') / q('kernel', 'iops');
+        console.log(`| ${label}, C ublksrv | ${rw} | ${k(q('c', 'iops'))} | ${lat('c')} | ${f1(q('c', 'cpuUs'))} | ${k(q('kernel', 'iops'))} | ${lat('kernel')} | **${cr.toFixed(2)}x** |`);
+        o[`qd1_${pair}_${rw}_c_iops`] = Math.round(q('c', 'iops'));
+        o[`qd1_${pair}_${rw}_c_vs_kernel`] = Number(cr.toFixed(3));
+      }
       o[`qd1_${pair}_${rw}_iops`] = Math.round(q('ours', 'iops'));
       o[`qd1_${pair}_${rw}_p50_us`] = Math.round(q('ours', 'p50'));
       o[`qd1_${pair}_${rw}_p99_us`] = Math.round(q('ours', 'p99'));
       o[`qd1_${pair}_${rw}_vs_kernel`] = Number(ratio.toFixed(3));
     }
   }
-  console.log('\n| at depth | workload | ours IOPS | kernel IOPS | ours / kernel |');
-  console.log('|---|---|---|---|---|');
-  for (const rw of ['randread', 'randwrite']) {
-    const r1 = m(`qd32_loop_${rw}_ours`) / m(`qd32_loop_${rw}_kernel`);
-    console.log(`| loop vs loop, ext4 on brd, 1 job QD 32 | ${rw} | ${k(m(`qd32_loop_${rw}_ours`))} | ${k(m(`qd32_loop_${rw}_kernel`))} | **${r1.toFixed(2)}x** |`);
-    o[`qd32_loop_${rw}_vs_kernel`] = Number(r1.toFixed(3));
+  // With the C server: its IOPS and its ratio to the kernel's driver, then ours / C.
+  const cHead = c ? ' C IOPS | C / kernel | ours / C |' : '';
+  console.log(`\n| at depth | workload | ours IOPS | kernel IOPS | ours / kernel |${cHead}`);
+  console.log(`|---|---|---|---|---|${c ? '---|---|---|' : ''}`);
+  for (const [key, label, outKey] of [['qd32_loop', 'loop vs loop, ext4 on brd, 1 job QD 32', 'vs_kernel'], ['qd128x2_null', 'null (2 queues) vs null_blk, 2 jobs x QD 128', 'vs_null_blk']] as const) {
+    for (const rw of ['randread', 'randwrite']) {
+      const v = (side: string) => m(`${key}_${rw}_${side}`);
+      const r = v('ours') / v('kernel');
+      const cCols = c ? ` ${k(v('c'))} | ${(v('c') / v('kernel')).toFixed(2)}x | **${(v('ours') / v('c')).toFixed(2)}x** |` : '';
+      console.log(`| ${label} | ${rw} | ${k(v('ours'))} | ${k(v('kernel'))} | **${r.toFixed(2)}x** |${cCols}`);
+      o[`${key}_${rw}_${outKey}`] = Number(r.toFixed(3));
+      if (c) o[`${key}_${rw}_vs_c`] = Number((v('ours') / v('c')).toFixed(3));
+    }
   }
-  for (const rw of ['randread', 'randwrite']) {
-    const r2 = m(`qd128x2_null_${rw}_ours`) / m(`qd128x2_null_${rw}_kernel`);
-    console.log(`| null (2 queues) vs null_blk, 2 jobs x QD 128 | ${rw} | ${k(m(`qd128x2_null_${rw}_ours`))} | ${k(m(`qd128x2_null_${rw}_kernel`))} | **${r2.toFixed(2)}x** |`);
-    o[`qd128x2_null_${rw}_vs_null_blk`] = Number(r2.toFixed(3));
+  if (c) {
+    console.log('\n| ours / C ublksrv, same boot | CPU per I/O at a fixed rate | QD 1 IOPS |');
+    console.log('|---|---|---|');
+    for (const name of ['null', 'loop']) {
+      const cpu = m(`cost_${name}_cpuUs`) / m(`cost_c_${name}_cpuUs`);
+      const qd1 = m(`qd1_${name}_randread_ours_iops`) / m(`qd1_${name}_randread_c_iops`);
+      console.log(`| ${name} (randread) | ${cpu.toFixed(2)}x | ${qd1.toFixed(2)}x |`);
+      o[`cost_${name}_cpu_vs_c`] = Number(cpu.toFixed(3));
+      o[`qd1_${name}_randread_vs_c`] = Number(qd1.toFixed(3));
+    }
   }
   return o;
 }
