@@ -2,7 +2,7 @@
  * Helpers for the tests that run inside the VM: the CLI, fio, and waiting for the kernel.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { UblkControl } from '../../src/ublk/control.js';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -108,4 +108,63 @@ export function alive(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+export interface VerifyResult { code: number; error: number; written: number; verified: number; stderr: string }
+
+/**
+ * fio writes `total` bytes of random blocks with crc32c headers, then reads every one back and
+ * checks it, at QD `qd` (default 32). With 2 jobs each job owns half of the range and runs on
+ * a CPU of its own, so that a 2-queue device gets both queues used.
+ */
+export function fioVerify(dev: string, o: { bs: string; engine: string; jobs: number; total: number; qd?: number; verifyOnly?: boolean }): VerifyResult {
+  const per = o.total / o.jobs;
+  const args = [
+    `--filename=${dev}`, '--rw=randwrite', `--bs=${o.bs}`, `--iodepth=${o.qd ?? 32}`, `--ioengine=${o.engine}`, '--direct=1',
+    `--size=${per}`, '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0',
+    '--output-format=json', ...(o.verifyOnly ? ['--verify_only=1'] : []),
+  ];
+  for (let j = 0; j < o.jobs; j++) args.push(`--name=j${j}`, `--offset=${j * per}`, `--cpus_allowed=${j === 0 ? 0 : 3}`);
+  const r = spawnSync('fio', args, { encoding: 'utf8', timeout: 600_000 });
+  try {
+    const j = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))) as { jobs: Array<{ error: number; read: { io_bytes: number }; write: { io_bytes: number } }> };
+    return {
+      code: r.status ?? -1,
+      error: j.jobs.reduce((e, x) => e || x.error, 0),
+      written: j.jobs.reduce((s, x) => s + x.write.io_bytes, 0),
+      verified: j.jobs.reduce((s, x) => s + x.read.io_bytes, 0),
+      stderr: r.stderr,
+    };
+  } catch {
+    return { code: r.status ?? -1, error: -1, written: 0, verified: 0, stderr: `${r.stderr}\n${r.stdout}` };
+  }
+}
+
+export interface ListedDevice { dev_id: number; state: string; daemon_pid: number; server: boolean; flags: number; dev_capacity: number }
+export function listed(id: number): ListedDevice {
+  const r = ublk('list', '-n', String(id), '--json');
+  if (r.code !== 0) throw new Error(`ublk list -n ${id}: ${r.stderr}`);
+  return (JSON.parse(r.stdout) as ListedDevice[])[0]!;
+}
+export const serverPid = (id: number) => (JSON.parse(readFileSync(join(process.env.UBLK_RUN_DIR || '/run/ublk', `ublkb${id}.json`), 'utf8')) as { pid: number }).pid;
+export const state = (id: number) => { try { return listed(id).state; } catch { return 'GONE'; } };
+
+/** fio in the background; resolves with its result. */
+export function fioJob(dev: string, args: string[]): { done: Promise<FioResult & { stderr: string }>; pid: number } {
+  const child = spawn('fio', ['--name=t', `--filename=${dev}`, '--output-format=json', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
+  child.stderr.on('data', (d: Buffer) => { err += d.toString(); });
+  return { done: new Promise((res) => child.on('close', (code) => res({ ...parseFio(code ?? -1, out), stderr: err }))), pid: child.pid! };
+}
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Kills device `id`'s server with SIGKILL, waits until the kernel holds the device for the next one. */
+export async function killServer(t: { fail(msg: string): void }, id: number, expect = 'QUIESCED'): Promise<number> {
+  const pid = serverPid(id);
+  process.kill(pid, 'SIGKILL');
+  const ok = await waitFor(() => !alive(pid) && state(id) === expect, 30_000);
+  if (!ok) t.fail(`device ${id} did not reach ${expect} after its server ${pid} was killed (state ${state(id)})`);
+  return pid;
 }

@@ -13,7 +13,7 @@ import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { UblkServer } from '../../src/ublk/server.js';
 import { loadTarget } from '../../src/targets/index.js';
-import { addDevice, alive, exists, fio, fioBackground, ublk, ublkIds, waitFor, ROOT } from './helpers.js';
+import { addDevice, alive, exists, fio, fioBackground, fioVerify, ublk, ublkIds, waitFor, ROOT } from './helpers.js';
 
 const MiB = 2 ** 20;
 const work = mkdtempSync('/tmp/ublk-loop-');
@@ -53,36 +53,6 @@ print(json.dumps(out))`;
   return JSON.parse(r.out) as Array<[number, number]>;
 }
 const allocated = (file: string) => statSync(file).blocks * 512;
-
-interface VerifyResult { code: number; error: number; written: number; verified: number; stderr: string }
-
-/**
- * fio writes `total` bytes of random blocks with crc32c headers, then reads every one back and
- * checks it. With 2 jobs each job owns half of the range and runs on a CPU of its own, so that
- * a 2-queue device gets both queues used.
- */
-function fioVerify(dev: string, o: { bs: string; engine: string; jobs: number; total: number; verifyOnly?: boolean }): VerifyResult {
-  const per = o.total / o.jobs;
-  const args = [
-    `--filename=${dev}`, '--rw=randwrite', `--bs=${o.bs}`, '--iodepth=32', `--ioengine=${o.engine}`, '--direct=1',
-    `--size=${per}`, '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0',
-    '--output-format=json', ...(o.verifyOnly ? ['--verify_only=1'] : []),
-  ];
-  for (let j = 0; j < o.jobs; j++) args.push(`--name=j${j}`, `--offset=${j * per}`, `--cpus_allowed=${j === 0 ? 0 : 3}`);
-  const r = spawnSync('fio', args, { encoding: 'utf8', timeout: 600_000 });
-  try {
-    const j = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))) as { jobs: Array<{ error: number; read: { io_bytes: number }; write: { io_bytes: number } }> };
-    return {
-      code: r.status ?? -1,
-      error: j.jobs.reduce((e, x) => e || x.error, 0),
-      written: j.jobs.reduce((s, x) => s + x.write.io_bytes, 0),
-      verified: j.jobs.reduce((s, x) => s + x.read.io_bytes, 0),
-      stderr: r.stderr,
-    };
-  } catch {
-    return { code: r.status ?? -1, error: -1, written: 0, verified: 0, stderr: `${r.stderr}\n${r.stdout}` };
-  }
-}
 
 for (const target of ['loop', 'mem'] as const) {
   for (const queues of [1, 2]) {

@@ -16,7 +16,7 @@ import {
   UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_QUIESCE, UBLK_F_UPDATE_SIZE, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO,
   UBLK_F_SAFE_STOP_DEV,
 } from '../../src/ublk/abi.js';
-import { addDevice, alive, parseFio, ublk, ublkIds, waitFor, EXT, ROOT, type FioResult } from './helpers.js';
+import { addDevice, alive, fioJob, killServer, listed, serverPid, sleep, state, ublk, ublkIds, waitFor, EXT, ROOT } from './helpers.js';
 
 const MiB = 2 ** 20;
 const CYCLES = Number(process.env.UBLK_RECOVER_CYCLES ?? 2);
@@ -38,35 +38,6 @@ t.afterEach(() => {
     throw new Error(`devices left behind: ${left.join(', ')}`);
   }
 });
-
-interface ListedDevice { dev_id: number; state: string; daemon_pid: number; server: boolean; flags: number; dev_capacity: number }
-function listed(id: number): ListedDevice {
-  const r = ublk('list', '-n', String(id), '--json');
-  if (r.code !== 0) throw new Error(`ublk list -n ${id}: ${r.stderr}`);
-  return (JSON.parse(r.stdout) as ListedDevice[])[0]!;
-}
-const serverPid = (id: number) => (JSON.parse(readFileSync(join(process.env.UBLK_RUN_DIR || '/run/ublk', `ublkb${id}.json`), 'utf8')) as { pid: number }).pid;
-const state = (id: number) => { try { return listed(id).state; } catch { return 'GONE'; } };
-
-/** fio in the background; resolves with its result. */
-function fioJob(dev: string, args: string[]): { done: Promise<FioResult & { stderr: string }>; pid: number } {
-  const child = spawn('fio', ['--name=t', `--filename=${dev}`, '--output-format=json', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
-  child.stderr.on('data', (d: Buffer) => { err += d.toString(); });
-  return { done: new Promise((res) => child.on('close', (code) => res({ ...parseFio(code ?? -1, out), stderr: err }))), pid: child.pid! };
-}
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-/** Kills device `id`'s server with SIGKILL, waits until the kernel holds the device for the next one. */
-async function killServer(t: { fail(msg: string): void }, id: number, expect = 'QUIESCED'): Promise<number> {
-  const pid = serverPid(id);
-  process.kill(pid, 'SIGKILL');
-  const ok = await waitFor(() => !alive(pid) && state(id) === expect, 30_000);
-  if (!ok) t.fail(`device ${id} did not reach ${expect} after its server ${pid} was killed (state ${state(id)})`);
-  return pid;
-}
 
 t.test('-r/-i/-e are kublk\'s: a value of 0 or 1; a kernel without a flag is named with its version', (t) => {
   let r = ublk('add', '-t', 'null', '-r');
