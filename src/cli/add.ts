@@ -13,8 +13,9 @@ import { closeSync, existsSync, rmSync, statSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { UblkControl, UblkError } from '../ublk/control.js';
 import {
-  UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_QUIESCE, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES,
+  UBLK_F_NEED_GET_DATA, UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_QUIESCE, UBLK_F_USER_COPY, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES,
 } from '../ublk/abi.js';
+import { dataPathOf, dataPathProblem } from '../ublk/modes.js';
 import { isPowerOfTwo, MAX_IO_BYTES, MIN_IO_BYTES, specProblem } from '../ublk/params.js';
 import { DEFAULT_MAX_IO_BYTES, UBLK_MAX_DEV_ID } from '../ublk/server.js';
 import { loadTarget, targetNames } from '../targets/index.js';
@@ -49,9 +50,11 @@ export const ADD_OPTIONS: readonly OptionSpec[] = [
   { key: 'unprivileged', names: ['--unprivileged'], kind: 'flag' },
   // UBLK_F_NO_AUTO_PART_SCAN (7.0): the kernel does not read the partition table at START_DEV.
   { key: 'noPartScan', names: ['--no_auto_part_scan', '--no-part-scan'], kind: 'flag' },
-  { key: 'g', names: ['-g', '--get_data'], kind: 'flag', refuse: NOT_YET('NEED_GET_DATA (kublk\'s -g)') },
+  // UBLK_F_NEED_GET_DATA (6.0): a WRITE's data is copied to the server only when it asks (modes.ts).
+  { key: 'getData', names: ['-g', '--get_data'], kind: 'flag' },
   { key: 'z', names: ['-z', '--zero_copy'], kind: 'flag', refuse: NOT_YET('zero copy (kublk\'s -z)') },
-  { key: 'u', names: ['-u', '--user_copy'], kind: 'flag', refuse: NOT_YET('user copy (kublk\'s -u)') },
+  // UBLK_F_USER_COPY (6.5): the server moves request data with pread/pwrite on /dev/ublkcN (modes.ts).
+  { key: 'userCopy', names: ['-u', '--user_copy'], kind: 'flag' },
   { key: 'autoZc', names: ['--auto_zc', '--auto_zc_fallback'], kind: 'flag', refuse: NOT_YET('automatic buffer registration (kublk\'s --auto_zc)') },
   { key: 'threads', names: ['--nthreads', '--per_io_tasks'], kind: 'flag', refuse: NOT_YET('more than one thread per queue (kublk\'s --nthreads/--per_io_tasks)') },
 ];
@@ -71,13 +74,17 @@ export async function add(argv: string[]): Promise<number> {
     depth: (values.depth as number | undefined) ?? 128,
     maxIoBytes: values.maxIoBytes as number | undefined,
     spinUs: values.spinUs as number | undefined,
-    flags: recoveryFlags(values) | (values.noPartScan ? UBLK_F_NO_AUTO_PART_SCAN : 0) | (values.unprivileged ? UBLK_F_UNPRIVILEGED_DEV : 0),
+    flags: recoveryFlags(values) | (values.noPartScan ? UBLK_F_NO_AUTO_PART_SCAN : 0) | (values.unprivileged ? UBLK_F_UNPRIVILEGED_DEV : 0)
+      | (values.getData ? UBLK_F_NEED_GET_DATA : 0) | (values.userCopy ? UBLK_F_USER_COPY : 0),
     name: values.save === undefined ? undefined : checkName(values.save as string),
   };
   const m = cfg.maxIoBytes;
   if (m !== undefined && (!isPowerOfTwo(m) || m < MIN_IO_BYTES || m > MAX_IO_BYTES)) {
     throw new UsageError(`--max-io-bytes must be a power of two from 4K to 32M, got ${m}`);
   }
+
+  const modeProblem = dataPathProblem(cfg.flags);
+  if (modeProblem) throw new UsageError(modeProblem);
 
   // 2. The machine: the driver, root, the id.
   if ((cfg.flags & UBLK_F_UNPRIVILEGED_DEV) && (cfg.flags & UBLK_F_USER_RECOVERY)) {
@@ -98,6 +105,8 @@ export async function add(argv: string[]): Promise<number> {
       if (other) throw new UblkError(`the name ${cfg.name} is device ${other.devId}'s (\`ublk down ${cfg.name}\` removes it)`);
     }
     if (cfg.flags & UBLK_F_NO_AUTO_PART_SCAN) ctrl.requireFeature(UBLK_F_NO_AUTO_PART_SCAN, '--no_auto_part_scan');
+    const mode = dataPathOf(cfg.flags);
+    if (mode.flag) ctrl.requireFeature(mode.flag, mode.option);
     if (cfg.flags & UBLK_F_USER_RECOVERY) {
       if (cfg.flags & UBLK_F_USER_RECOVERY_FAIL_IO) ctrl.requireFeature(UBLK_F_USER_RECOVERY_FAIL_IO, '-e 1');
       if (cfg.flags & UBLK_F_USER_RECOVERY_REISSUE) ctrl.requireFeature(UBLK_F_USER_RECOVERY_REISSUE, '-i 1');

@@ -17,6 +17,7 @@ import {
   UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY_REISSUE, UBLK_S_DEV_LIVE,
 } from '../ublk/abi.js';
 import { UBLK_MAX_DEV_ID, pidAlive } from '../ublk/server.js';
+import { dataPathOf } from '../ublk/modes.js';
 import { loadTarget, targetNames } from '../targets/index.js';
 import { parseOptions, UsageError } from '../targets/options.js';
 import { SysError } from '../libc/index.js';
@@ -37,6 +38,9 @@ commands:
                           create /dev/ublkbID served by a background process (or this one)
       [-r 1 | -i 1 | -e 1]  user recovery: the device outlives its server (I/O waits;
                           -i: requests the server held are sent again; -e: I/O fails)
+      [-g | -u]           the data path (default copy): -g get_data, a WRITE's data is
+                          copied only when the server asks (NEED_GET_DATA); -u user_copy,
+                          the server copies data itself with pread/pwrite (USER_COPY)
       [--spin-us N]       low latency: each queue spins up to N µs for the next request
                           before sleeping (costs a CPU while it spins)
   del -n ID | -a [--async] [--safe]
@@ -546,6 +550,8 @@ function deviceJson(info: DevInfo, params: DevParams | undefined, state: DeviceS
     max_rq_size: info.maxIoBufBytes,
     daemon_pid: info.ublksrvPid,
     flags: info.flags,
+    /** How data moves (src/ublk/modes.ts): copy, get_data, ... */
+    data_path: dataPathOf(info.flags).name,
     state: stateName(info.state),
     /** A server serves the device (false: QUIESCED or FAIL_IO, waiting for `ublk recover`). */
     server: info.state === UBLK_S_DEV_LIVE && pidAlive(info.ublksrvPid),
@@ -603,6 +609,7 @@ function list(argv: string[]): number {
           try { aff = ctrl.queueAffinity(id, q).join(' '); } catch { aff = '?'; }
           out(`\tqueue ${q}: affinity(${aff} )\n`);
         }
+        out(`\tdata path ${d.data_path}: ${dataPathOf(d.flags).describe}\n`);
         if (d.target) out(`\ttarget ${d.target.name} ${JSON.stringify(d.target.describe ?? d.target.options)}\n`);
         if (d.log) out(`\tlog ${d.log}\n`);
       }

@@ -41,6 +41,7 @@ try {
     maxIoBytes: data.maxIoBytes,
     drainTimeoutMs: data.drainTimeoutMs,
     spinUs: data.spinUs,
+    userCopy: data.userCopy,
     handler,
     wakeFd: data.wakeFd,
     log: (line) => send({ kind: 'log', qid: data.qid, line }),

@@ -27,13 +27,16 @@
  * it. So a handler that throws with an SQE in flight gets its request failed (EIO) when that SQE
  * completes, never before, and a late CQE can never act on the tag's next request.
  *
- * Data path modes. This file implements the default copy mode: the kernel copies WRITE data into
- * our buffer before the FETCH completes, and copies READ data out of it at COMMIT. The newer
- * modes plug in at the marked places:
+ * Data path modes (modes.ts names them). In the default copy mode the kernel copies WRITE data
+ * into our buffer before the FETCH completes, and copies READ data out of it at COMMIT. Served
+ * here as well:
  *   - NEED_GET_DATA (UBLK_F_NEED_GET_DATA): a FETCH completes with UBLK_IO_RES_NEED_GET_DATA for a
- *     WRITE; answer with UBLK_U_IO_NEED_GET_DATA {addr} to get the data copied ([NEED_GET_DATA]).
- *   - USER_COPY (UBLK_F_USER_COPY, 6.5): no addr in the commands; the handler pread/pwrites the
- *     char device at userCopyOffset(qid, tag, off) ([BUFFER]).
+ *     WRITE; the queue answers with UBLK_U_IO_NEED_GET_DATA {addr} to get the data copied
+ *     ([NEED_GET_DATA]).
+ *   - USER_COPY (UBLK_F_USER_COPY, 6.5): no addr in the commands; the queue preads a WRITE's data
+ *     into the tag's buffer before dispatch and pwrites a READ's before commit, on the char
+ *     device at userCopyOffset(qid, tag, off) (copyRequestData).
+ * Still to come, at the marked places:
  *   - Zero copy (SUPPORT_ZERO_COPY 6.15, AUTO_BUF_REG 6.16): the request's pages are registered as
  *     a fixed buffer (REGISTER_IO_BUF, or automatically into sqe->addr's index), and target
  *     SQEs use READ_FIXED/WRITE_FIXED with that index ([BUFFER], [COMMIT]).
@@ -47,7 +50,7 @@ import { Mapping, PAGE_SIZE, SysError, libc, sys } from '../libc/index.js';
 import {
   UBLK_U_IO_FETCH_REQ, UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_U_IO_NEED_GET_DATA, UBLK_IO_RES_OK,
   UBLK_IO_RES_NEED_GET_DATA, UBLK_IO_RES_ABORT, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_NAMES,
-  descOffset, descLength,
+  descOffset, descLength, userCopyOffset,
 } from './abi.js';
 import { prepIoCmd, readIoDesc, SECTOR_SIZE, type IoDesc } from './wire.js';
 import type { IoRequest, QueueContext, QueueHandler } from './target.js';
@@ -97,6 +100,13 @@ export interface UblkQueueOptions {
    * the task work that carries the request).
    */
   spinUs?: number;
+  /**
+   * The device runs with UBLK_F_USER_COPY (6.5): the kernel copies no data. A WRITE's data is
+   * read into the tag's buffer with pread(2) on the char device before the target sees the
+   * request, and a READ's data is written from it with pwrite(2) before the commit, at the tag's
+   * user-copy position (userCopyOffset). Targets see the same buffer as in copy mode.
+   */
+  userCopy?: boolean;
   /** Called when every tag has its FETCH outstanding (the owner may then START_DEV). */
   onFetched?: () => void;
   /** Called after each wake-up; returns true to stop the queue (it may call failHeld() first). */
@@ -215,6 +225,8 @@ export class UblkQueue implements QueueContext {
   private readonly maxIoBytes: number;
   private readonly handler: QueueHandler;
   private readonly opts: UblkQueueOptions;
+  /** UBLK_F_USER_COPY: the queue moves request data itself (copyRequestData). */
+  private readonly userCopy: boolean;
   private readonly log: (line: string) => void;
 
   // Per tag.
@@ -277,6 +289,7 @@ export class UblkQueue implements QueueContext {
 
   constructor(opts: UblkQueueOptions) {
     this.opts = opts;
+    this.userCopy = opts.userCopy === true;
     this.qid = opts.qid;
     this.depth = opts.depth;
     this.handler = opts.handler;
@@ -368,8 +381,9 @@ export class UblkQueue implements QueueContext {
   trackAndCommit(w: number, expect: number, result: number, onCqe: (res: number, flags: number) => void): void {
     const tag = this.currentTag;
     if (tag < 0) throw new Error(`queue ${this.qid}: trackAndCommit outside a request (use track)`);
+    // USER_COPY: a READ's data must reach the kernel (pwrite, in commit) before its answer.
     if (w === this.lastSqe && this.inFlight[tag] === 0 && !this.failed[tag] && !this.failingAll && !this.draining
-      && this.ring.sqPending > 0 && this.sendsAsIs(tag, result)) {
+      && this.ring.sqPending > 0 && this.sendsAsIs(tag, result) && !(this.userCopy && this.requests[tag]!.op === UBLK_IO_OP_READ)) {
       // The command must be the very next SQE (a link joins consecutive SQEs), and w must still
       // be unpublished, or the kernel could already be running it without the link.
       const c = this.ring.getSqe();
@@ -486,16 +500,54 @@ export class UblkQueue implements QueueContext {
   }
 
   private prepCmd(w: number, op: number, tag: number, result: number): void {
-    // [BUFFER] copy mode passes the tag's buffer; USER_COPY and zero copy pass 0 here.
-    prepIoCmd(this.ring.sqes, w, op, CHAR_DEV_SLOT, true, this.qid, tag, result, this.bufs.address + tag * this.maxIoBytes);
+    // [BUFFER] copy mode passes the tag's buffer; USER_COPY and zero copy pass 0 ("addr should
+    // not be used when UBLK_F_USER_COPY is enabled", ublk_cmd.h).
+    prepIoCmd(this.ring.sqes, w, op, CHAR_DEV_SLOT, true, this.qid, tag, result, this.userCopy ? 0 : this.bufs.address + tag * this.maxIoBytes);
     setUserData2(this.ring.sqes, w, tag, KIND_CMD);
   }
 
   /** Answers tag's request with `res` (already checked) and re-arms the tag. */
   private commit(tag: number, res: number): void {
+    // USER_COPY: a READ's data goes to the kernel before the answer that completes it.
+    if (this.userCopy && res > 0 && this.requests[tag]!.op === UBLK_IO_OP_READ) res = this.copyRequestData(tag, res, true);
     // [COMMIT] BATCH_IO would gather these into one COMMIT_IO_CMDS.
     this.commitInto(this.nextSqe(), tag, res);
     this.state[tag] = TagState.InKernel;
+  }
+
+  /**
+   * USER_COPY: moves `bytes` of tag's request between the kernel's request and the tag's buffer,
+   * by pwrite (`out`: a READ's data to the kernel) or pread (a WRITE's data from it) on the char
+   * device at the tag's user-copy position. ublk_drv takes such a copy only while the request is
+   * the server's (UBLK_IO_FLAG_OWNED_BY_SRV), and only in the request's direction (pread for a
+   * WRITE, pwrite for a READ; ublk_check_ubuf_dir). Synchronous, as kublk does it: the copy is
+   * a memcpy in the kernel, and an SQE on the char device could be handed to an io-wq worker
+   * (the file does not promise NOWAIT), which is no place for a commit linked behind it. Returns
+   * `bytes`, or a negative errno (with a line in the log) that the request is then failed with.
+   */
+  private copyRequestData(tag: number, bytes: number, out: boolean): number {
+    const base = this.bufs.address + tag * this.maxIoBytes;
+    const pos = userCopyOffset(this.qid, tag);
+    let done = 0;
+    while (done < bytes) {
+      let n: number;
+      try {
+        n = out
+          ? sys.pwrite(this.opts.charFd, base + done, bytes - done, pos + done)
+          : sys.pread(this.opts.charFd, base + done, bytes - done, pos + done);
+      } catch (e) {
+        if (!(e instanceof SysError)) throw e;
+        if (e.errno === libc.EINTR) continue;
+        this.report('copy', `ublk queue ${this.qid}: user copy of tag ${tag}'s ${this.requests[tag]!.describe()} failed: ${e.message}`);
+        return -e.errno;
+      }
+      if (n === 0) {
+        this.report('copy', `ublk queue ${this.qid}: user copy of tag ${tag}'s ${this.requests[tag]!.describe()} stopped at ${done} bytes`);
+        return -libc.EIO;
+      }
+      done += n;
+    }
+    return bytes;
   }
 
   /** Prepares tag's COMMIT_AND_FETCH with `res` in SQE `w`; the request is no longer being served. */
@@ -620,6 +672,14 @@ export class UblkQueue implements QueueContext {
     this.serving++;
     this.failed[tag] = 0;
     this.deferred[tag] = 0;
+    if (this.userCopy && req.op === UBLK_IO_OP_WRITE && req.length > 0) {
+      // USER_COPY: the data first (ublk_drv copied nothing); a copy that fails fails the request.
+      const copied = this.copyRequestData(tag, req.length, false);
+      if (copied < 0) {
+        this.commit(tag, copied);
+        return;
+      }
+    }
     this.currentTag = tag;
     let result: number | undefined;
     try {

@@ -19,7 +19,7 @@
 import type { Worker } from 'node:worker_threads';
 import { SysError, libc, sys } from '../libc/index.js';
 import { UblkControl, UblkError, stateName, type DevInfo } from './control.js';
-import { UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES, UBLK_S_DEV_LIVE } from './abi.js';
+import { UBLK_F_QUIESCE, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES, UBLK_S_DEV_LIVE } from './abi.js';
 import { paramsFor, specProblem } from './params.js';
 import { ANY_DEV_ID } from './wire.js';
 import type { DeviceSpec, TargetDefinition } from './target.js';
@@ -493,6 +493,8 @@ function spawnQueue(o: SpawnOptions): QueueThread {
     maxIoBytes: o.info.maxIoBufBytes,
     drainTimeoutMs: o.drainTimeoutMs,
     spinUs: o.spinUs,
+    // The negotiated flags, so a recovering server serves the mode the device was added with.
+    userCopy: (o.info.flags & UBLK_F_USER_COPY) !== 0,
     targetUrl: o.targetUrl,
     targetOptions: o.targetOptions,
     wakeFd,
