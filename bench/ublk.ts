@@ -13,12 +13,14 @@
  * target with the kernel's loop driver (losetup --direct-io=on) over the same file (on tmpfs, and
  * on ext4 on a RAM disk), and our mem target with brd, at 1 queue and QD 1, 32 and 128.
  *
- *   npm run bench:ublk -- [--suite all|null|loop|cost] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
+ *   npm run bench:ublk -- [--suite all|null|loop|cost|modes] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { writeFileSync, existsSync, readdirSync, readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { DATA_PATH_MODES } from '../src/ublk/modes.js';
+import { UblkControl } from '../src/ublk/control.js';
 import { dirname, join } from 'node:path';
 
 const root = dirname(dirname(fileURLToPath(import.meta.url)));
@@ -222,6 +224,98 @@ async function loopSuite(): Promise<Record<string, number>> {
     const ratio = at32.reduce((s, r) => s + r.ours, 0) / at32.reduce((s, r) => s + r.kernel, 0);
     console.log(`\n${label[pair]}: randread + randwrite at QD 32: **${ratio.toFixed(2)}x** the kernel's`);
     o[`${pair}_qd32_rw_sum_vs_kernel`] = Number(ratio.toFixed(3));
+  }
+  return o;
+}
+
+/**
+ * `--suite modes`: every data path (src/ublk/modes.ts) the kernel grants, against copy mode and
+ * against the kernel's own driver, in one boot: null vs null_blk, mem vs brd, loop vs the kernel
+ * loop (--direct-io=on) over one file on tmpfs and one on ext4 on brd. 1 queue, 1 fio job,
+ * randread and randwrite at QD 1 and 32 (`--qds 1,32,128` for more), points interleaved,
+ * medians of --rounds (default 3). `--modes copy,get_data,user_copy` picks the modes.
+ */
+async function modesSuite(): Promise<Record<string, number>> {
+  const size = 256;
+  const rounds = Number(opt('--rounds', '3'));
+  const qds = opt('--qds', '1,32').split(',').map(Number);
+  const wanted = opt('--modes', DATA_PATH_MODES.map((m) => m.name).join(',')).split(',');
+  const ctrl = new UblkControl();
+  const features = ctrl.features();
+  ctrl.close();
+  const modes = DATA_PATH_MODES.filter((m) => wanted.includes(m.name) && (m.flag === 0 || (features & m.flag)));
+  const skipped = wanted.filter((w) => !modes.some((m) => m.name === w));
+  if (skipped.length) process.stderr.write(`bench: this kernel lacks ${skipped.join(', ')}: not measured\n`);
+  const tmpfsFile = '/tmp/ublk-bench.img';
+  sh('dd', ['if=/dev/urandom', `of=${tmpfsFile}`, 'bs=1M', `count=${size}`, 'status=none']);
+  const mnt = ext4OnBrd(2, size + 128);
+  const ext4File = `${mnt}/ublk-bench.img`;
+  sh('cp', [tmpfsFile, ext4File]);
+  sh('sync', []);
+  writeFileSync('/proc/sys/vm/drop_caches', '3');
+  spawnSync('rmmod', ['null_blk']);
+  sh('modprobe', ['-d', KROOT, 'null_blk', 'nr_devices=1', 'queue_mode=2', 'submit_queues=1', 'hw_queue_depth=128', 'irqmode=0', 'gb=250', 'bs=512']);
+  const kloops = [tmpfsFile, ext4File].map((f) => sh('losetup', ['--find', '--show', '--direct-io=on', f]).trim().slice(5));
+  const kernel: Record<string, string> = { null: 'nullb0', mem: 'ram0', 'loop-tmpfs': kloops[0]!, 'loop-ext4': kloops[1]! };
+  const targets = ['null', 'mem', 'loop-tmpfs', 'loop-ext4'];
+  const targetArgs: Record<string, string[]> = {
+    null: ['-t', 'null'], mem: ['-t', 'mem', '-s', `${size}M`], 'loop-tmpfs': ['-t', 'loop', '-f', tmpfsFile], 'loop-ext4': ['-t', 'loop', '-f', ext4File],
+  };
+  const dev = new Map<string, string>(); // "target mode" -> ublkbN
+  const ids: number[] = [];
+  for (const target of targets) {
+    for (const m of modes) {
+      const id = ublkAdd([...targetArgs[target]!, ...(m.option ? [m.option] : [])]);
+      ids.push(id);
+      dev.set(`${target} ${m.name}`, `ublkb${id}`);
+    }
+  }
+  for (const d of [...dev.values(), ...Object.values(kernel)]) setNone(d);
+  for (const m of modes) sh('dd', [`if=${tmpfsFile}`, `of=/dev/${dev.get(`mem ${m.name}`)}`, 'bs=1M', 'oflag=direct', 'status=none']);
+  sh('dd', [`if=${tmpfsFile}`, 'of=/dev/ram0', 'bs=1M', 'oflag=direct', 'status=none']);
+
+  const samples = new Map<string, number[]>();
+  const put = (key: string, v: number) => samples.set(key, [...(samples.get(key) ?? []), v]);
+  for (let round = 1; round <= rounds; round++) {
+    for (const target of targets) {
+      for (const rw of ['randread', 'randwrite']) {
+        for (const qd of qds) {
+          const sides: Array<[string, string]> = [...modes.map((m) => [m.name, dev.get(`${target} ${m.name}`)!] as [string, string]), ['kernel', kernel[target]!]];
+          for (const [side, d] of sides) {
+            const iops = runFio(d, rw, qd, 1);
+            put(`${target} ${rw} ${qd} ${side}`, iops);
+            process.stderr.write(`bench: round ${round}/${rounds} ${target} ${rw} QD${qd} ${side}: ${Math.round(iops)} IOPS\n`);
+          }
+        }
+      }
+    }
+  }
+  for (const id of ids) ublkDel(id);
+  for (const l of kloops) sh('losetup', ['-d', `/dev/${l}`]);
+  sh('umount', [mnt]);
+  spawnSync('rmmod', ['brd']);
+  spawnSync('rmmod', ['null_blk']);
+  spawnSync('rm', ['-f', tmpfsFile]);
+
+  const m = (key: string) => median(samples.get(key) ?? [NaN]);
+  const label: Record<string, string> = { null: 'null vs null_blk', mem: 'mem vs brd', 'loop-tmpfs': 'loop vs loop, tmpfs', 'loop-ext4': 'loop vs loop, ext4 on brd' };
+  console.log(`\nData paths, ${header()}, 1 queue, 1 job, median of ${rounds} interleaved rounds\n`);
+  const others = modes.filter((x) => x.name !== 'copy');
+  console.log(`| pair | workload | QD | kernel IOPS | copy IOPS | copy / kernel |${others.map((x) => ` ${x.name} IOPS | / copy | / kernel |`).join('')}`);
+  console.log(`|---|---|---|---|---|---|${others.map(() => '---|---|---|').join('')}`);
+  const o: Record<string, number> = {};
+  for (const target of targets) {
+    for (const rw of ['randread', 'randwrite']) {
+      for (const qd of qds) {
+        const v = (side: string) => m(`${target} ${rw} ${qd} ${side}`);
+        const cols = others.map((x) => ` ${k(v(x.name))} | ${(v(x.name) / v('copy')).toFixed(2)}x | **${(v(x.name) / v('kernel')).toFixed(2)}x** |`).join('');
+        console.log(`| ${label[target]} | ${rw} | ${qd} | ${k(v('kernel'))} | ${k(v('copy'))} | **${(v('copy') / v('kernel')).toFixed(2)}x** |${cols}`);
+        for (const x of modes) {
+          o[`${target}_${x.name}_${rw}_qd${qd}_vs_kernel`] = Number((v(x.name) / v('kernel')).toFixed(3));
+          if (x.name !== 'copy') o[`${target}_${x.name}_${rw}_qd${qd}_vs_copy`] = Number((v(x.name) / v('copy')).toFixed(3));
+        }
+      }
+    }
   }
   return o;
 }
@@ -512,4 +606,5 @@ const out: Record<string, number> = {};
 if (suite === 'all' || suite === 'null') Object.assign(out, await nullSuite());
 if (suite === 'all' || suite === 'loop') Object.assign(out, await loopSuite());
 if (suite === 'cost') Object.assign(out, await costSuite());
+if (suite === 'modes') Object.assign(out, await modesSuite());
 if (json) console.log(JSON.stringify(out));
