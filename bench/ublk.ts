@@ -102,6 +102,22 @@ function ext4OnBrd(disks: number, mib: number): string {
   return mnt;
 }
 
+/**
+ * The loop backings of the loop and modes suites: `mib` MiB of random data in a file on tmpfs and
+ * the same in a file on ext4 on brd (ram1; ram0, as large, is free for mem vs brd), with no page
+ * cached over either: O_DIRECT over cached pages is slower for both loops.
+ */
+function benchFiles(mib: number): { tmpfsFile: string; mnt: string; ext4File: string } {
+  const tmpfsFile = '/tmp/ublk-bench.img';
+  sh('dd', ['if=/dev/urandom', `of=${tmpfsFile}`, 'bs=1M', `count=${mib}`, 'status=none']);
+  const mnt = ext4OnBrd(2, mib + 128); // room for the file plus ext4's metadata
+  const ext4File = `${mnt}/ublk-bench.img`;
+  sh('cp', [tmpfsFile, ext4File]);
+  sh('sync', []);
+  writeFileSync('/proc/sys/vm/drop_caches', '3');
+  return { tmpfsFile, mnt, ext4File };
+}
+
 interface Row { key: string; queues: number; rw: string; qd: number; ours: number; async: number; nullBlk: number }
 async function nullSuite(): Promise<Record<string, number>> {
   const rows: Row[] = [];
@@ -151,15 +167,7 @@ async function nullSuite(): Promise<Record<string, number>> {
 async function loopSuite(): Promise<Record<string, number>> {
   const size = 512;
   const rounds = Number(opt('--rounds', '1'));
-  const tmpfsFile = '/tmp/ublk-bench.img';
-  sh('dd', ['if=/dev/urandom', `of=${tmpfsFile}`, 'bs=1M', `count=${size}`, 'status=none']);
-  // ram0 for mem vs brd, ram1 for the ext4 backing (room for the file plus ext4's metadata).
-  const mnt = ext4OnBrd(2, size + 128);
-  const ext4File = `${mnt}/ublk-bench.img`;
-  sh('cp', [tmpfsFile, ext4File]);
-  sh('sync', []);
-  // No cached pages over the file: O_DIRECT over cached pages is slower for both loops.
-  writeFileSync('/proc/sys/vm/drop_caches', '3');
+  const { tmpfsFile, mnt, ext4File } = benchFiles(size);
   const kloops: string[] = [];
   const ids: number[] = [];
   const pairs: Array<{ pair: string; ours: string; kernel: string }> = [];
@@ -246,13 +254,7 @@ async function modesSuite(): Promise<Record<string, number>> {
   const modes = DATA_PATH_MODES.filter((m) => wanted.includes(m.name) && (m.flag === 0 || (features & m.flag)));
   const skipped = wanted.filter((w) => !modes.some((m) => m.name === w));
   if (skipped.length) process.stderr.write(`bench: this kernel lacks ${skipped.join(', ')}: not measured\n`);
-  const tmpfsFile = '/tmp/ublk-bench.img';
-  sh('dd', ['if=/dev/urandom', `of=${tmpfsFile}`, 'bs=1M', `count=${size}`, 'status=none']);
-  const mnt = ext4OnBrd(2, size + 128);
-  const ext4File = `${mnt}/ublk-bench.img`;
-  sh('cp', [tmpfsFile, ext4File]);
-  sh('sync', []);
-  writeFileSync('/proc/sys/vm/drop_caches', '3');
+  const { tmpfsFile, mnt, ext4File } = benchFiles(size);
   spawnSync('rmmod', ['null_blk']);
   sh('modprobe', ['-d', KROOT, 'null_blk', 'nr_devices=1', 'queue_mode=2', 'submit_queues=1', 'hw_queue_depth=128', 'irqmode=0', 'gb=250', 'bs=512']);
   const kloops = [tmpfsFile, ext4File].map((f) => sh('losetup', ['--find', '--show', '--direct-io=on', f]).trim().slice(5));

@@ -16,7 +16,7 @@ import { Mapping, libc, sys } from '../../src/libc/index.js';
 import type { TargetDefinition } from '../../src/ublk/target.js';
 import type { AsyncTarget } from '../../src/ublk/async-main-thread.js';
 import misbehaving, { type MisbehavingOptions } from './fixtures/misbehaving-target.js';
-import { alive, exists, ublk, ublkIds, waitFor, EXT, ROOT } from './helpers.js';
+import { alive, exists, ublk, ublkIds, waitFor, EXT, ROOT, noDeviceLeftBehind } from './helpers.js';
 
 const MiB = 2 ** 20;
 const TARGET = fileURLToPath(new URL(`./fixtures/misbehaving-target${EXT}`, import.meta.url));
@@ -24,13 +24,7 @@ const TARGET_URL = new URL(`./fixtures/misbehaving-target${EXT}`, import.meta.ur
 const work = mkdtempSync('/tmp/ublk-hardening-');
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
 
-t.afterEach(() => {
-  const left = ublkIds();
-  if (left.length > 0) {
-    ublk('del', '-a');
-    throw new Error(`devices left behind: ${left.join(', ')}`);
-  }
-});
+t.afterEach(noDeviceLeftBehind);
 
 /** An in-process device served by the misbehaving target (its counters are readable). */
 async function startMisbehaving(args: string[], extra: { queues?: number; depth?: number; maxIoBytes?: number; drainTimeoutMs?: number } = {}) {

@@ -45,6 +45,18 @@ export function addDevice(...args: string[]): number {
 /** Device ids present in /dev (char devices): the CLI's own list. */
 export const ublkIds = (): number[] => UblkControl.listIds();
 
+/**
+ * Every VM test file's afterEach: whatever a test leaves behind would poison the next one, so it
+ * is removed, and the test that left it fails saying so.
+ */
+export function noDeviceLeftBehind(): void {
+  const left = ublkIds();
+  if (left.length > 0) {
+    ublk('del', '-a');
+    throw new Error(`devices left behind: ${left.join(', ')}`);
+  }
+}
+
 export interface FioResult {
   code: number;
   error: number;

@@ -13,20 +13,14 @@ import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { UblkServer } from '../../src/ublk/server.js';
 import { loadTarget } from '../../src/targets/index.js';
-import { addDevice, alive, exists, fio, fioBackground, fioVerify, ublk, ublkIds, waitFor, ROOT } from './helpers.js';
+import { addDevice, alive, exists, fio, fioBackground, fioVerify, ublk, ublkIds, waitFor, ROOT, noDeviceLeftBehind } from './helpers.js';
 
 const MiB = 2 ** 20;
 const work = mkdtempSync('/tmp/ublk-loop-');
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
 const { def: loop, url: LOOP_URL } = (await loadTarget('loop'))!;
 
-t.afterEach(() => {
-  const left = ublkIds();
-  if (left.length > 0) {
-    ublk('del', '-a');
-    throw new Error(`devices left behind: ${left.join(', ')}`);
-  }
-});
+t.afterEach(noDeviceLeftBehind);
 
 function sh(cmd: string, args: string[], input?: string) {
   const r = spawnSync(cmd, args, { encoding: 'utf8', input, timeout: 300_000 });

@@ -13,20 +13,14 @@ import { mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { UblkControl } from '../../src/ublk/control.js';
 import { UBLK_F_NEED_GET_DATA, UBLK_F_USER_COPY } from '../../src/ublk/abi.js';
-import { addDevice, alive, exists, fioBackground, fioJob, fioVerify, killServer, listed, serverPid, sleep, ublk, ublkIds, waitFor } from './helpers.js';
+import { addDevice, alive, exists, fioBackground, fioJob, fioVerify, killServer, listed, serverPid, sleep, ublk, ublkIds, waitFor, noDeviceLeftBehind } from './helpers.js';
 
 const MiB = 2 ** 20;
 const TOTAL = Number(process.env.UBLK_MODES_MIB ?? 64) * MiB;
 const work = mkdtempSync('/tmp/ublk-modes-');
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
 
-t.afterEach(() => {
-  const left = ublkIds();
-  if (left.length > 0) {
-    ublk('del', '-a');
-    throw new Error(`devices left behind: ${left.join(', ')}`);
-  }
-});
+t.afterEach(noDeviceLeftBehind);
 
 interface ModeCase { name: string; args: string[]; flag: number; since: string }
 const MODES: ModeCase[] = [

@@ -16,7 +16,7 @@ import {
   UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_QUIESCE, UBLK_F_UPDATE_SIZE, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO,
   UBLK_F_SAFE_STOP_DEV,
 } from '../../src/ublk/abi.js';
-import { addDevice, alive, fioJob, killServer, listed, serverPid, sleep, state, ublk, ublkIds, waitFor, EXT, ROOT } from './helpers.js';
+import { addDevice, alive, fioJob, killServer, listed, serverPid, sleep, state, ublk, ublkIds, waitFor, EXT, ROOT, noDeviceLeftBehind } from './helpers.js';
 
 const MiB = 2 ** 20;
 const CYCLES = Number(process.env.UBLK_RECOVER_CYCLES ?? 2);
@@ -31,13 +31,7 @@ const features = (() => {
 })();
 const has = (f: number) => (features & f) !== 0;
 
-t.afterEach(() => {
-  const left = ublkIds();
-  if (left.length > 0) {
-    ublk('del', '-a');
-    throw new Error(`devices left behind: ${left.join(', ')}`);
-  }
-});
+t.afterEach(noDeviceLeftBehind);
 
 t.test('-r/-i/-e are kublk\'s: a value of 0 or 1; a kernel without a flag is named with its version', (t) => {
   let r = ublk('add', '-t', 'null', '-r');

@@ -6,18 +6,11 @@ import t from 'tap';
 import { readFileSync } from 'node:fs';
 import { UblkControl } from '../../src/ublk/control.js';
 import { UBLK_FEATURES } from '../../src/ublk/abi.js';
-import { addDevice, alive, exists, fio, fioBackground, ublk, ublkIds, waitFor, ROOT } from './helpers.js';
+import { addDevice, alive, exists, fio, fioBackground, ublk, ublkIds, waitFor, ROOT, noDeviceLeftBehind } from './helpers.js';
 
 const runState = (id: number) => JSON.parse(readFileSync(`/run/ublk/ublkb${id}.json`, 'utf8')) as { pid: number };
 
-t.afterEach(() => {
-  // Whatever a test leaves behind would poison the next one: remove it, and say so.
-  const left = ublkIds();
-  if (left.length > 0) {
-    ublk('del', '-a');
-    throw new Error(`devices left behind: ${left.join(', ')}`);
-  }
-});
+t.afterEach(noDeviceLeftBehind);
 
 t.test('features lists every bit GET_FEATURES reports, by name', (t) => {
   const ctrl = new UblkControl();
