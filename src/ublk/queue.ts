@@ -381,9 +381,8 @@ export class UblkQueue implements QueueContext {
   trackAndCommit(w: number, expect: number, result: number, onCqe: (res: number, flags: number) => void): void {
     const tag = this.currentTag;
     if (tag < 0) throw new Error(`queue ${this.qid}: trackAndCommit outside a request (use track)`);
-    // USER_COPY: a READ's data must reach the kernel (pwrite, in commit) before its answer.
     if (w === this.lastSqe && this.inFlight[tag] === 0 && !this.failed[tag] && !this.failingAll && !this.draining
-      && this.ring.sqPending > 0 && this.sendsAsIs(tag, result) && !(this.userCopy && this.requests[tag]!.op === UBLK_IO_OP_READ)) {
+      && this.ring.sqPending > 0 && this.sendsAsIs(tag, result) && !this.copiesOut(tag)) {
       // The command must be the very next SQE (a link joins consecutive SQEs), and w must still
       // be unpublished, or the kernel could already be running it without the link.
       const c = this.ring.getSqe();
@@ -508,11 +507,18 @@ export class UblkQueue implements QueueContext {
 
   /** Answers tag's request with `res` (already checked) and re-arms the tag. */
   private commit(tag: number, res: number): void {
-    // USER_COPY: a READ's data goes to the kernel before the answer that completes it.
-    if (this.userCopy && res > 0 && this.requests[tag]!.op === UBLK_IO_OP_READ) res = this.copyRequestData(tag, res, true);
+    if (res > 0 && this.copiesOut(tag)) res = this.copyRequestData(tag, res, true);
     // [COMMIT] BATCH_IO would gather these into one COMMIT_IO_CMDS.
     this.commitInto(this.nextSqe(), tag, res);
     this.state[tag] = TagState.InKernel;
+  }
+
+  /**
+   * USER_COPY: a READ's data goes to the kernel (copyRequestData, in commit) before the answer
+   * that completes it, so its commit can never be linked behind the target's SQE.
+   */
+  private copiesOut(tag: number): boolean {
+    return this.userCopy && this.requests[tag]!.op === UBLK_IO_OP_READ;
   }
 
   /**
@@ -526,7 +532,8 @@ export class UblkQueue implements QueueContext {
    * `bytes`, or a negative errno (with a line in the log) that the request is then failed with.
    */
   private copyRequestData(tag: number, bytes: number, out: boolean): number {
-    const base = this.bufs.address + tag * this.maxIoBytes;
+    const req = this.requests[tag]!;
+    const base = req.address;
     const pos = userCopyOffset(this.qid, tag);
     let done = 0;
     while (done < bytes) {
@@ -538,11 +545,11 @@ export class UblkQueue implements QueueContext {
       } catch (e) {
         if (!(e instanceof SysError)) throw e;
         if (e.errno === libc.EINTR) continue;
-        this.report('copy', `ublk queue ${this.qid}: user copy of tag ${tag}'s ${this.requests[tag]!.describe()} failed: ${e.message}`);
+        this.report('copy', `ublk queue ${this.qid}: user copy of tag ${tag}'s ${req.describe()} failed: ${e.message}`);
         return -e.errno;
       }
       if (n === 0) {
-        this.report('copy', `ublk queue ${this.qid}: user copy of tag ${tag}'s ${this.requests[tag]!.describe()} stopped at ${done} bytes`);
+        this.report('copy', `ublk queue ${this.qid}: user copy of tag ${tag}'s ${req.describe()} stopped at ${done} bytes`);
         return -libc.EIO;
       }
       done += n;
