@@ -65,9 +65,11 @@ function fio(dev: string, rw: string, qd: number, jobs: number, extra: string[] 
 }
 const runFio = (dev: string, rw: string, qd: number, jobs: number): number => fio(dev, rw, qd, jobs).iops;
 
+/** The device id in `add`'s output (ours and C ublksrv both print "dev id N: ..."). */
+const addedId = (out: string) => Number(out.match(/dev id (\d+)/)![1]);
+
 function ublkAdd(a: string[]): number {
-  const out = sh(process.execPath, [join(root, 'bin', 'ublk.js'), 'add', ...a]);
-  return Number(out.match(/dev id (\d+)/)![1]);
+  return addedId(sh(process.execPath, [join(root, 'bin', 'ublk.js'), 'add', ...a]));
 }
 const ublkDel = (id: number) => sh(process.execPath, [join(root, 'bin', 'ublk.js'), 'del', '-n', String(id)]);
 
@@ -76,8 +78,22 @@ const ublkDel = (id: number) => sh(process.execPath, [join(root, 'bin', 'ublk.js
  * CLI: it prints the same "dev id N" line, and our `list` reads its pid from the kernel.
  */
 function cAdd(bin: string, a: string[]): number {
-  const out = sh(bin, ['add', ...a]);
-  return Number(out.match(/dev id (\d+)/)![1]);
+  return addedId(sh(bin, ['add', ...a]));
+}
+
+/** The kernel's null_blk as our devices' reference: /dev/nullb0, `queues` queues of depth 128, no completion delay. */
+function loadNullBlk(queues: number): void {
+  spawnSync('rmmod', ['null_blk']);
+  sh('modprobe', ['-d', KROOT, 'null_blk', 'nr_devices=1', 'queue_mode=2', `submit_queues=${queues}`, 'hw_queue_depth=128', 'irqmode=0', 'gb=250', 'bs=512']);
+}
+
+/** Samples per key, over the rounds of a suite: `put` one, `median` of a key's (NaN if none). */
+function sampleSet() {
+  const samples = new Map<string, number[]>();
+  return {
+    put: (key: string, v: number) => { samples.set(key, [...(samples.get(key) ?? []), v]); },
+    median: (key: string) => median(samples.get(key) ?? [NaN]),
+  };
 }
 
 async function asyncAdd(queues: number): Promise<{ devId: number; stop: () => Promise<void> }> {
@@ -122,8 +138,7 @@ interface Row { key: string; queues: number; rw: string; qd: number; ours: numbe
 async function nullSuite(): Promise<Record<string, number>> {
   const rows: Row[] = [];
   for (const queues of [1, 2]) {
-    spawnSync('rmmod', ['null_blk']);
-    sh('modprobe', ['-d', KROOT, 'null_blk', 'nr_devices=1', 'queue_mode=2', `submit_queues=${queues}`, 'hw_queue_depth=128', 'irqmode=0', 'gb=250', 'bs=512']);
+    loadNullBlk(queues);
     setNone('nullb0');
     const id = ublkAdd(['-t', 'null', '-q', String(queues), '-d', '128']);
     setNone(`ublkb${id}`);
@@ -255,8 +270,7 @@ async function modesSuite(): Promise<Record<string, number>> {
   const skipped = wanted.filter((w) => !modes.some((m) => m.name === w));
   if (skipped.length) process.stderr.write(`bench: this kernel lacks ${skipped.join(', ')}: not measured\n`);
   const { tmpfsFile, mnt, ext4File } = benchFiles(size);
-  spawnSync('rmmod', ['null_blk']);
-  sh('modprobe', ['-d', KROOT, 'null_blk', 'nr_devices=1', 'queue_mode=2', 'submit_queues=1', 'hw_queue_depth=128', 'irqmode=0', 'gb=250', 'bs=512']);
+  loadNullBlk(1);
   const kloops = [tmpfsFile, ext4File].map((f) => sh('losetup', ['--find', '--show', '--direct-io=on', f]).trim().slice(5));
   const kernel: Record<string, string> = { null: 'nullb0', mem: 'ram0', 'loop-tmpfs': kloops[0]!, 'loop-ext4': kloops[1]! };
   const targets = ['null', 'mem', 'loop-tmpfs', 'loop-ext4'];
@@ -276,8 +290,7 @@ async function modesSuite(): Promise<Record<string, number>> {
   for (const m of modes) sh('dd', [`if=${tmpfsFile}`, `of=/dev/${dev.get(`mem ${m.name}`)}`, 'bs=1M', 'oflag=direct', 'status=none']);
   sh('dd', [`if=${tmpfsFile}`, 'of=/dev/ram0', 'bs=1M', 'oflag=direct', 'status=none']);
 
-  const samples = new Map<string, number[]>();
-  const put = (key: string, v: number) => samples.set(key, [...(samples.get(key) ?? []), v]);
+  const { put, median: m } = sampleSet();
   for (let round = 1; round <= rounds; round++) {
     for (const target of targets) {
       for (const rw of ['randread', 'randwrite']) {
@@ -299,7 +312,6 @@ async function modesSuite(): Promise<Record<string, number>> {
   spawnSync('rmmod', ['null_blk']);
   spawnSync('rm', ['-f', tmpfsFile]);
 
-  const m = (key: string) => median(samples.get(key) ?? [NaN]);
   const label: Record<string, string> = { null: 'null vs null_blk', mem: 'mem vs brd', 'loop-tmpfs': 'loop vs loop, tmpfs', 'loop-ext4': 'loop vs loop, ext4 on brd' };
   console.log(`\nData paths, ${header()}, 1 queue, 1 job, median of ${rounds} interleaved rounds\n`);
   const others = modes.filter((x) => x.name !== 'copy');
@@ -443,8 +455,7 @@ async function costSuite(): Promise<Record<string, number>> {
   const loopRate = Number(opt('--loop-rate', '8000'));
   const extra = opt('--add-args', '').split(' ').filter(Boolean);
   const size = 512;
-  spawnSync('rmmod', ['null_blk']);
-  sh('modprobe', ['-d', KROOT, 'null_blk', 'nr_devices=1', 'queue_mode=2', 'submit_queues=2', 'hw_queue_depth=128', 'irqmode=0', 'gb=250', 'bs=512']);
+  loadNullBlk(2);
   setNone('nullb0');
   const mnt = ext4OnBrd(1, size + 128);
   const file = `${mnt}/ublk-bench.img`;
@@ -476,8 +487,7 @@ async function costSuite(): Promise<Record<string, number>> {
   const costed: Array<[string, number, number]> = [['null', null1, nullRate], ['loop', loop, loopRate]];
   if (c) costed.push(['c_null', c.null1, nullRate], ['c_loop', c.loop, loopRate]);
 
-  const samples = new Map<string, number[]>();
-  const put = (key: string, v: number) => samples.set(key, [...(samples.get(key) ?? []), v]);
+  const { put, median: m } = sampleSet();
   const log = (line: string) => process.stderr.write(`bench: ${line}\n`);
   // Warm-up: V8 compiles the hot path in its background threads during the first seconds, and
   // that CPU would otherwise be charged to the first round's requests.
@@ -534,7 +544,6 @@ async function costSuite(): Promise<Record<string, number>> {
   spawnSync('rmmod', ['brd']);
   spawnSync('rmmod', ['null_blk']);
 
-  const m = (key: string) => median(samples.get(key) ?? [NaN]);
   const o: Record<string, number> = {};
   const f1 = (n: number) => n.toFixed(1);
   console.log(`\nCost of a request, ${header()}, median of ${rounds} interleaved rounds${extra.length ? `, ublk add ${extra.join(' ')}` : ''}\n`);
