@@ -9,13 +9,14 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { release } from 'node:os';
 import { closeSync, existsSync, rmSync, statSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { UblkControl, UblkError } from '../ublk/control.js';
 import {
-  UBLK_F_NEED_GET_DATA, UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_QUIESCE, UBLK_F_USER_COPY, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES,
+  UBLK_F_NEED_GET_DATA, UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_PER_IO_DAEMON, UBLK_F_QUIESCE, UBLK_F_USER_COPY, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES,
 } from '../ublk/abi.js';
-import { dataPathOf, dataPathProblem } from '../ublk/modes.js';
+import { DATA_PATH_MODES, dataPathOf, dataPathProblem, releaseAtLeast, type DataPathMode } from '../ublk/modes.js';
 import { isPowerOfTwo, MAX_IO_BYTES, MIN_IO_BYTES, specProblem } from '../ublk/params.js';
 import { DEFAULT_MAX_IO_BYTES, UBLK_MAX_DEV_ID } from '../ublk/server.js';
 import { loadTarget, targetNames } from '../targets/index.js';
@@ -52,11 +53,19 @@ export const ADD_OPTIONS: readonly OptionSpec[] = [
   { key: 'noPartScan', names: ['--no_auto_part_scan', '--no-part-scan'], kind: 'flag' },
   // UBLK_F_NEED_GET_DATA (6.0): a WRITE's data is copied to the server only when it asks (modes.ts).
   { key: 'getData', names: ['-g', '--get_data'], kind: 'flag' },
-  { key: 'z', names: ['-z', '--zero_copy'], kind: 'flag', refuse: NOT_YET('zero copy (kublk\'s -z)') },
+  // UBLK_F_SUPPORT_ZERO_COPY (6.15): request pages become fixed buffers of the queue's ring (modes.ts).
+  { key: 'zeroCopy', names: ['-z', '--zero_copy'], kind: 'flag' },
   // UBLK_F_USER_COPY (6.5): the server moves request data with pread/pwrite on /dev/ublkcN (modes.ts).
   { key: 'userCopy', names: ['-u', '--user_copy'], kind: 'flag' },
-  { key: 'autoZc', names: ['--auto_zc', '--auto_zc_fallback'], kind: 'flag', refuse: NOT_YET('automatic buffer registration (kublk\'s --auto_zc)') },
-  { key: 'threads', names: ['--nthreads', '--per_io_tasks'], kind: 'flag', refuse: NOT_YET('more than one thread per queue (kublk\'s --nthreads/--per_io_tasks)') },
+  // UBLK_F_AUTO_BUF_REG (6.16): the kernel registers them itself; with _fallback, what it could not
+  // register the queue registers (which needs zero copy too, as in kublk).
+  { key: 'autoZc', names: ['--auto_zc'], kind: 'flag' },
+  { key: 'autoZcFallback', names: ['--auto_zc_fallback'], kind: 'flag' },
+  // kublk's per-I/O threads (UBLK_F_PER_IO_DAEMON, 6.16): --nthreads N threads in all, which may
+  // differ from -q only with --per_io_tasks; here each queue's tags are split among N / Q threads.
+  { key: 'nthreads', names: ['--nthreads'], kind: 'count', min: 1, max: UBLK_MAX_QUEUE_DEPTH },
+  { key: 'perIoTasks', names: ['--per_io_tasks'], kind: 'flag' },
+  { key: 'shmemZc', names: ['--shmem_zc'], kind: 'flag', refuse: NOT_YET('shared-memory zero copy (kublk\'s --shmem_zc, UBLK_F_SHMEM_ZC)') },
 ];
 
 export async function add(argv: string[]): Promise<number> {
@@ -75,7 +84,11 @@ export async function add(argv: string[]): Promise<number> {
     maxIoBytes: values.maxIoBytes as number | undefined,
     spinUs: values.spinUs as number | undefined,
     flags: recoveryFlags(values) | (values.noPartScan ? UBLK_F_NO_AUTO_PART_SCAN : 0) | (values.unprivileged ? UBLK_F_UNPRIVILEGED_DEV : 0)
-      | (values.getData ? UBLK_F_NEED_GET_DATA : 0) | (values.userCopy ? UBLK_F_USER_COPY : 0),
+      | (values.getData ? UBLK_F_NEED_GET_DATA : 0) | (values.userCopy ? UBLK_F_USER_COPY : 0)
+      | (values.zeroCopy ? modeNamed('zero_copy').flags : 0) | (values.autoZc ? modeNamed('auto_zc').flags : 0)
+      | (values.autoZcFallback ? modeNamed('auto_zc').flags | modeNamed('zero_copy').flags : 0),
+    autoZcFallback: values.autoZcFallback === true ? true : undefined,
+    threadsPerQueue: threadsPerQueue(values),
     name: values.save === undefined ? undefined : checkName(values.save as string),
   };
   const m = cfg.maxIoBytes;
@@ -105,8 +118,8 @@ export async function add(argv: string[]): Promise<number> {
       if (other) throw new UblkError(`the name ${cfg.name} is device ${other.devId}'s (\`ublk down ${cfg.name}\` removes it)`);
     }
     if (cfg.flags & UBLK_F_NO_AUTO_PART_SCAN) ctrl.requireFeature(UBLK_F_NO_AUTO_PART_SCAN, '--no_auto_part_scan');
-    const mode = dataPathOf(cfg.flags);
-    if (mode.flag) ctrl.requireFeature(mode.flag, mode.option);
+    requireDataPath(ctrl, cfg.flags, values.autoZcFallback === true);
+    if ((cfg.threadsPerQueue ?? 1) > 1) ctrl.requireFeature(UBLK_F_PER_IO_DAEMON, `--nthreads ${String(values.nthreads)} --per_io_tasks`);
     if (cfg.flags & UBLK_F_USER_RECOVERY) {
       if (cfg.flags & UBLK_F_USER_RECOVERY_FAIL_IO) ctrl.requireFeature(UBLK_F_USER_RECOVERY_FAIL_IO, '-e 1');
       if (cfg.flags & UBLK_F_USER_RECOVERY_REISSUE) ctrl.requireFeature(UBLK_F_USER_RECOVERY_REISSUE, '-i 1');
@@ -268,4 +281,41 @@ async function stopServer(child: ChildProcess, devId: number | undefined): Promi
   } finally {
     ctrl.close();
   }
+}
+
+const modeNamed = (name: string): DataPathMode => DATA_PATH_MODES.find((m) => m.name === name)!;
+
+/**
+ * Every flag of the chosen data path must be one this kernel grants (GET_FEATURES), and zero copy
+ * needs 6.15 whatever the features say: bit 0 was accepted, and served as user copy, since 6.5,
+ * while REGISTER_IO_BUF only exists from 6.15 (reference: ublk_drv.c before and after "ublk:
+ * decouple zero copy from user copy").
+ */
+function requireDataPath(ctrl: UblkControl, flags: number, fallback: boolean): void {
+  const mode = dataPathOf(flags);
+  const opt = fallback ? '--auto_zc_fallback' : mode.option;
+  for (const m of DATA_PATH_MODES) {
+    if (m.flag && flags & m.flag) ctrl.requireFeature(m.flag, m.flag === mode.flag || fallback ? opt : `${opt} (${m.name})`);
+  }
+  const zc = modeNamed('zero_copy');
+  if (flags & zc.flag && !releaseAtLeast(release(), zc.release!)) {
+    throw new UblkError(`${fallback ? '--auto_zc_fallback (zero copy)' : '-z'} needs Linux ${zc.release} or later (REGISTER_IO_BUF), and this kernel is ${release()}`);
+  }
+}
+
+/**
+ * Threads per queue from kublk's --nthreads/--per_io_tasks: N threads in all (default: one per
+ * queue); N other than the queue count needs --per_io_tasks, as in kublk. kublk's threads may
+ * each serve tags of several queues; ours split each queue's tags evenly (tag t to thread
+ * t % (N / Q)), so N must be a multiple of Q. Undefined: one thread per queue.
+ */
+function threadsPerQueue(values: Record<string, unknown>): number | undefined {
+  const q = (values.queues as number | undefined) ?? 1;
+  const n = values.nthreads as number | undefined;
+  if (n === undefined || n === q) return undefined;
+  if (!values.perIoTasks) throw new UsageError(`--nthreads ${n} differs from the ${q} queue(s): add --per_io_tasks to spread each queue's tags over threads`);
+  if (n % q !== 0) throw new UsageError(`--nthreads ${n} must be a multiple of the ${q} queue(s): each queue's tags are split evenly among N / Q threads`);
+  const depth = (values.depth as number | undefined) ?? 128;
+  if (n / q > depth) throw new UsageError(`--nthreads ${n}: ${n / q} threads per queue, but a queue has only ${depth} tags (-d)`);
+  return n / q;
 }

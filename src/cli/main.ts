@@ -38,9 +38,16 @@ commands:
                           create /dev/ublkbID served by a background process (or this one)
       [-r 1 | -i 1 | -e 1]  user recovery: the device outlives its server (I/O waits;
                           -i: requests the server held are sent again; -e: I/O fails)
-      [-g | -u]           the data path (default copy): -g get_data, a WRITE's data is
+      [-g | -u | -z | --auto_zc | --auto_zc_fallback]
+                          the data path (default copy): -g get_data, a WRITE's data is
                           copied only when the server asks (NEED_GET_DATA); -u user_copy,
-                          the server copies data itself with pread/pwrite (USER_COPY)
+                          the server copies data itself with pread/pwrite (USER_COPY);
+                          -z zero copy, request pages become fixed buffers of the queue's
+                          ring (6.15); --auto_zc, registered by the kernel itself (6.16);
+                          --auto_zc_fallback, and by the server where the kernel could not
+      [--nthreads N --per_io_tasks]
+                          N threads serve the queues (a multiple of -q): each queue's tags
+                          are split among N/Q threads, each with its own ring (6.16)
       [--spin-us N]       low latency: each queue spins up to N µs for the next request
                           before sleeping (costs a CPU while it spins)
   del -n ID | -a [--async] [--safe]
@@ -329,7 +336,7 @@ function requireId(cmd: string, values: Record<string, unknown>): number {
 function recoveryConfig(st: DeviceState): ServeConfig {
   return {
     target: st.target, targetOptions: st.targetOptions, devId: st.devId, queues: st.queues, depth: st.depth,
-    maxIoBytes: st.maxIoBytes, flags: st.flags, spinUs: st.spinUs, name: st.name, recover: true,
+    maxIoBytes: st.maxIoBytes, flags: st.flags, spinUs: st.spinUs, autoZcFallback: st.autoZcFallback, threadsPerQueue: st.threadsPerQueue, name: st.name, recover: true,
   };
 }
 
@@ -559,6 +566,8 @@ function deviceJson(info: DevInfo, params: DevParams | undefined, state: DeviceS
     ublkb: `/dev/ublkb${info.devId}`,
     target: state ? { name: state.target, options: state.targetOptions, describe: state.describe } : undefined,
     log: state?.log,
+    /** Threads serving each queue (--nthreads / --per_io_tasks); absent for a device we do not serve. */
+    threads_per_queue: state ? state.threadsPerQueue ?? 1 : undefined,
   };
 }
 
@@ -610,6 +619,7 @@ function list(argv: string[]): number {
           out(`\tqueue ${q}: affinity(${aff} )\n`);
         }
         out(`\tdata path ${d.data_path}: ${dataPathOf(d.flags).describe}\n`);
+        if ((d.threads_per_queue ?? 1) > 1) out(`\tthreads ${d.threads_per_queue} per queue (per-I/O daemons): tag t is served by thread t % ${d.threads_per_queue}\n`);
         if (d.target) out(`\ttarget ${d.target.name} ${JSON.stringify(d.target.describe ?? d.target.options)}\n`);
         if (d.log) out(`\tlog ${d.log}\n`);
       }

@@ -33,6 +33,10 @@ export interface DeviceState {
   flags?: number;
   /** --spin-us, kept by recover and upgrade. */
   spinUs?: number;
+  /** --auto_zc_fallback, kept by recover and upgrade (the flag travels in each command, not in the device's flags). */
+  autoZcFallback?: boolean;
+  /** Threads per queue (--nthreads / --per_io_tasks), kept by recover and upgrade. */
+  threadsPerQueue?: number;
   /** Its saved name (`add --save NAME`). */
   name?: string;
   /** The server process. */

@@ -47,6 +47,10 @@ export interface ServeConfig {
   flags?: number;
   /** --spin-us: the queues' low-latency spin (ServerOptions.spinUs). */
   spinUs?: number;
+  /** --auto_zc_fallback (ServerOptions.autoZcFallback). */
+  autoZcFallback?: boolean;
+  /** --nthreads / --per_io_tasks (ServerOptions.threadsPerQueue). */
+  threadsPerQueue?: number;
   /** The device's saved name (`add --save NAME`): linked in /dev/disk/by-ublk-name while served. */
   name?: string;
   /** Recover device `devId` (whose server died) instead of adding one. */
@@ -147,7 +151,8 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   };
   try {
     const common = {
-      target: t.def, targetUrl: t.url, targetOptions: cfg.targetOptions, signal: abort.signal, force: force.signal, spinUs: cfg.spinUs,
+      target: t.def, targetUrl: t.url, targetOptions: cfg.targetOptions, signal: abort.signal, force: force.signal, spinUs: cfg.spinUs, autoZcFallback: cfg.autoZcFallback,
+      threadsPerQueue: cfg.threadsPerQueue,
     };
     server = cfg.recover
       ? await UblkServer.recover({ ...common, devId: cfg.devId! })
@@ -174,7 +179,7 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   }
   const state: DeviceState = {
     devId: id, target: cfg.target, targetOptions: cfg.targetOptions, queues: cfg.queues, depth: cfg.depth,
-    maxIoBytes: cfg.maxIoBytes, flags: cfg.flags, spinUs: cfg.spinUs, name: cfg.name, pid: process.pid, log: cfg.log, describe: server.spec.describe,
+    maxIoBytes: cfg.maxIoBytes, flags: cfg.flags, spinUs: cfg.spinUs, autoZcFallback: cfg.autoZcFallback, threadsPerQueue: cfg.threadsPerQueue, name: cfg.name, pid: process.pid, log: cfg.log, describe: server.spec.describe,
   };
   try {
     if (!abort.signal.aborted) runDir.writeState(state); // (a signal's stop is already removing the device)

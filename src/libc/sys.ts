@@ -40,6 +40,10 @@ const open_ = libc.func('int open(const char *path, int flags, uint32_t mode)');
 const close_ = libc.func('int close(int fd)');
 const pread_ = libc.func('intptr_t pread(int fd, intptr_t buf, size_t count, int64_t off)');
 const pwrite_ = libc.func('intptr_t pwrite(int fd, intptr_t buf, size_t count, int64_t off)');
+// The same calls on a Buffer: koffi passes a Buffer's own bytes as the pointer (no copy), which is
+// safe here because the kernel is done with them when the call returns.
+const preadBuf_ = libc.func('intptr_t pread(int fd, void *buf, size_t count, int64_t off)');
+const pwriteBuf_ = libc.func('intptr_t pwrite(int fd, const void *buf, size_t count, int64_t off)');
 const read_ = libc.func('intptr_t read(int fd, intptr_t buf, size_t count)');
 const write_ = libc.func('intptr_t write(int fd, intptr_t buf, size_t count)');
 const getpagesize_ = libc.func('int getpagesize(void)');
@@ -150,6 +154,16 @@ export function close(fd: number): void {
 /** `pread(2)` into memory at `addr` (an address we mapped). */
 export function pread(fd: number, addr: number, count: number, offset: number): number {
   return check(pread_(fd, addr, count, offset), () => `pread(fd=${fd}, count=${count}, off=${offset})`);
+}
+
+/** `pread(2)` into `buf` (any Buffer: the call is synchronous). */
+export function preadInto(fd: number, buf: Buffer, offset: number): number {
+  return check(preadBuf_(fd, buf, buf.length, offset), () => `pread(fd=${fd}, count=${buf.length}, off=${offset})`);
+}
+
+/** `pwrite(2)` of `buf` (any Buffer: the call is synchronous). */
+export function pwriteFrom(fd: number, buf: Buffer, offset: number): number {
+  return check(pwriteBuf_(fd, buf, buf.length, offset), () => `pwrite(fd=${fd}, count=${buf.length}, off=${offset})`);
 }
 
 /** `pwrite(2)` from memory at `addr` (an address we mapped). */

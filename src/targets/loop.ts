@@ -5,7 +5,10 @@
  *   ublk add -t loop -f FILE|BLOCKDEV [--buffered] [--offset BYTES] [--read-only] [-s SIZE]
  *
  * Request mapping (device offset + --offset = backing offset):
- *   READ / WRITE   -> IORING_OP_READ / WRITE on the backing fd (O_DIRECT unless --buffered). A
+ *   READ / WRITE   -> a read or write between the backing fd (O_DIRECT unless --buffered) and
+ *                     the request (ctx.prepReadInto / prepWriteFrom: IORING_OP_READ / WRITE on
+ *                     the tag buffer, or READ_FIXED / WRITE_FIXED on the request's own pages in
+ *                     the zero-copy modes, where the data never passes through user memory). A
  *                     short transfer is resubmitted for the remainder; a READ that hits the
  *                     backing's end (it shrank under us) reads zeros there, like a hole.
  *   WRITE + FUA    -> the same WRITE with RWF_DSYNC: durable when it completes.
@@ -24,7 +27,7 @@
  */
 import { resolve } from 'node:path';
 import { PAGE_SIZE, libc, sys } from '../libc/index.js';
-import { prepFallocate, prepFsync, prepRead, prepWrite, setFlags, setOpFlags, abi as uringAbi } from '../uring/index.js';
+import { prepFallocate, prepFsync, setFlags, setOpFlags, abi as uringAbi } from '../uring/index.js';
 import {
   UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES,
   UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP,
@@ -209,13 +212,10 @@ class LoopQueue implements QueueHandler {
   // Per tag: the request in flight.
   private op: Uint8Array = new Uint8Array(0);
   private flags: Uint32Array = new Uint32Array(0);
-  private addr: Float64Array = new Float64Array(0);
   /** Device offset (the backing offset is `base` more). */
   private pos: Float64Array = new Float64Array(0);
   private len: Uint32Array = new Uint32Array(0);
   private done: Uint32Array = new Uint32Array(0);
-  /** The request being served (its buffer is needed only to zero-fill past a shrunk backing). */
-  private reqs: Array<IoRequest | undefined> = [];
   /** One CQE callback per tag, made once. */
   private onRw: Array<(res: number) => void> = [];
   private onOther: Array<(res: number) => void> = [];
@@ -236,12 +236,10 @@ class LoopQueue implements QueueHandler {
     const n = ctx.depth;
     this.op = new Uint8Array(n);
     this.flags = new Uint32Array(n);
-    this.addr = new Float64Array(n);
     this.pos = new Float64Array(n);
     this.len = new Uint32Array(n);
     this.done = new Uint32Array(n);
     this.unlinked = new Uint8Array(n);
-    this.reqs = new Array<IoRequest | undefined>(n);
     for (let tag = 0; tag < n; tag++) {
       this.onRw.push((res) => this.rwDone(tag, res));
       this.onOther.push((res) => this.otherDone(tag, res));
@@ -257,13 +255,11 @@ class LoopQueue implements QueueHandler {
         if (req.length === 0) return 0;
         this.op[tag] = req.op;
         this.flags[tag] = req.flags;
-        this.addr[tag] = req.address;
         this.pos[tag] = req.offset;
         this.len[tag] = req.length;
         this.done[tag] = 0;
         this.unlinked[tag] = this.linkOp[req.op] ? 0 : 1;
         if (req.op === UBLK_IO_OP_WRITE && req.flags & UBLK_IO_F_FUA) this.counters[C_DSYNC_WRITES]!++;
-        this.reqs[tag] = req;
         this.submitRw(tag);
         return undefined;
       case UBLK_IO_OP_FLUSH: {
@@ -320,18 +316,18 @@ class LoopQueue implements QueueHandler {
    * misses that block) never link.
    */
   private submitRw(tag: number): void {
-    const s = this.ctx.ring.sqes;
+    const ctx = this.ctx;
+    const s = ctx.ring.sqes;
     const w = this.sqe();
     const done = this.done[tag]!;
-    const a = this.addr[tag]! + done;
     const n = this.len[tag]! - done;
     const off = this.base + this.pos[tag]! + done;
     const link = this.unlinked[tag] === 0;
     let rwFlags = link ? libc.RWF_NOWAIT : 0;
     if (this.op[tag] === UBLK_IO_OP_READ) {
-      prepRead(s, w, this.fixed, a, n, off);
+      ctx.prepReadInto(w, tag, this.fixed, off, done, n);
     } else {
-      prepWrite(s, w, this.fixed, a, n, off);
+      ctx.prepWriteFrom(w, tag, this.fixed, off, done, n);
       if (this.flags[tag]! & UBLK_IO_F_FUA) {
         rwFlags |= libc.RWF_DSYNC;
       }
@@ -361,7 +357,8 @@ class LoopQueue implements QueueHandler {
     if (res === 0) {
       if (this.op[tag] === UBLK_IO_OP_WRITE) return this.fail(tag, -libc.EIO); // no progress: never loop
       // The backing ends before the device does (it was truncated): the rest reads as zeros.
-      this.reqs[tag]!.buffer.fill(0, this.done[tag]!, len);
+      const z = this.ctx.zeroRequest(tag, this.done[tag]!, len - this.done[tag]!);
+      if (z < 0) return this.fail(tag, z);
       this.done[tag] = len;
     } else {
       this.done[tag]! += res;
@@ -372,7 +369,6 @@ class LoopQueue implements QueueHandler {
       this.submitRw(tag);
       return;
     }
-    this.reqs[tag] = undefined;
     this.ctx.complete(tag, len);
   }
 
@@ -414,7 +410,6 @@ class LoopQueue implements QueueHandler {
 
   private fail(tag: number, res: number): void {
     this.counters[C_ERRORS]!++;
-    this.reqs[tag] = undefined;
     // The errno reaches the block layer (errno_to_blk_status): ENOSPC and EOPNOTSUPP keep their
     // meaning, anything it has no status for becomes EIO.
     this.ctx.complete(tag, res);

@@ -5,8 +5,10 @@
  *
  * The disk is one anonymous mapping made by `prepare` on the main thread, MAP_NORESERVE so that
  * only the blocks written take memory. Every queue thread reaches it by address (threads share
- * the address space) and serves requests by copying between it and the tag's I/O buffer, on the
- * queue's thread, without entering the kernel. DISCARD and WRITE_ZEROES give whole pages back
+ * the address space) and serves requests by copying between it and the request
+ * (ctx.copyToRequest / copyFromRequest), on the queue's thread: a memcpy with the tag's buffer in
+ * copy mode, one pread or pwrite of the char device straight from the disk's memory in the
+ * copy-free modes. DISCARD and WRITE_ZEROES give whole pages back
  * with madvise(MADV_DONTNEED) (they read as zeros afterwards) and zero the partial pages at the
  * edges. The mapping is unmapped by `release`, after the last queue has stopped.
  *
@@ -23,7 +25,7 @@ import { Mapping, MAX_VIEW_BYTES, PAGE_SIZE, libc, sys } from '../libc/index.js'
 import {
   UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES, UBLK_IO_F_NOUNMAP,
 } from '../ublk/abi.js';
-import { defineTarget, TargetError, type IoRequest, type QueueHandler } from '../ublk/target.js';
+import { defineTarget, TargetError, type IoRequest, type QueueContext, type QueueHandler } from '../ublk/target.js';
 import { blockSizeChoices, parseOptions, UsageError } from './options.js';
 
 export interface MemOptions {
@@ -131,12 +133,11 @@ class MemQueue implements QueueHandler {
     return (this.chunks[i] ??= this.ram.bytes(i * MAX_VIEW_BYTES, Math.min(MAX_VIEW_BYTES, this.ram.length - i * MAX_VIEW_BYTES)));
   }
 
-  handle(req: IoRequest): number {
+  handle(req: IoRequest, ctx: QueueContext): number {
     switch (req.op) {
       case UBLK_IO_OP_READ:
       case UBLK_IO_OP_WRITE:
-        this.copy(req, req.op === UBLK_IO_OP_READ);
-        return req.length;
+        return this.copy(req, ctx);
       case UBLK_IO_OP_FLUSH:
         return 0;
       case UBLK_IO_OP_DISCARD:
@@ -151,12 +152,17 @@ class MemQueue implements QueueHandler {
     }
   }
 
-  /** Copies between the request's buffer and the disk. */
-  private copy(req: IoRequest, read: boolean): void {
+  /** Copies between the request and the disk; returns the request's result. */
+  private copy(req: IoRequest, ctx: QueueContext): number {
+    const read = req.op === UBLK_IO_OP_READ;
+    let res = req.length;
     this.pieces(req.offset, req.length, (c, at, n, done) => {
-      if (read) c.copy(req.buffer, done, at, at + n);
-      else req.buffer.copy(c, at, done, done + n);
+      if (res < 0) return;
+      const part = c.subarray(at, at + n);
+      const r = read ? ctx.copyToRequest(req.tag, part, done) : ctx.copyFromRequest(req.tag, part, done);
+      if (r < 0) res = r;
     });
+    return res;
   }
 
   /** Zeros [off, off + len): whole pages are given back (`unmap`) or filled, the edges filled. */

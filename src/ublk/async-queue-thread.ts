@@ -11,6 +11,7 @@
  */
 import { defineTarget, type QueueHandler } from './target.js';
 import { CompletionRing } from './async-completion-ring.js';
+import { UBLK_IO_OP_READ, UBLK_IO_OP_WRITE } from './abi.js';
 
 /** What the queue thread posts to the main thread: tag, op, flags, offset, length per request. */
 export type AsyncBatch = number[];
@@ -30,6 +31,9 @@ export default defineTarget<Record<string, never>>({
     let batch: AsyncBatch = [];
     return {
       handle(req) {
+        // The main thread reads and writes the tag's buffer: in the modes where the kernel copies
+        // nothing, touching it makes the queue stage the data there (request-data.ts).
+        if (req.op === UBLK_IO_OP_READ || req.op === UBLK_IO_OP_WRITE) void req.buffer;
         batch.push(req.tag, req.op, req.flags, req.offset, req.length);
         return undefined;
       },

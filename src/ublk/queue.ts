@@ -17,8 +17,11 @@
  *    is in flight, run() returns.
  * 5. close() then makes sure nothing the kernel may still write to is freed (see close()).
  *
- * Commands for a tag must come from the task that fetched it (the kernel checks; per queue
- * before 6.16's PER_IO_DAEMON), which is why one thread owns the whole queue.
+ * Commands for a tag must come from the task that fetched it (the kernel checks). Before 6.16
+ * that task is the queue's: one thread owns the whole queue. With UBLK_F_PER_IO_DAEMON (6.16,
+ * granted by the kernel itself) each tag has its own, so a queue's tags may be split among
+ * threads ([THREADING]): this UblkQueue then serves the tags t with t % tagStride === tagOffset,
+ * on a ring of its own, and another UblkQueue in another thread serves the rest.
  *
  * The target's SQEs. A handler issues its own SQEs (ctx.getSqe, ctx.track). Every SQE issued
  * while a request is being served (in `handle`, or in the CQE callback of one of that request's
@@ -33,25 +36,30 @@
  *   - NEED_GET_DATA (UBLK_F_NEED_GET_DATA): a FETCH completes with UBLK_IO_RES_NEED_GET_DATA for a
  *     WRITE; the queue answers with UBLK_U_IO_NEED_GET_DATA {addr} to get the data copied
  *     ([NEED_GET_DATA]).
- *   - USER_COPY (UBLK_F_USER_COPY, 6.5): no addr in the commands; the queue preads a WRITE's data
- *     into the tag's buffer before dispatch and pwrites a READ's before commit, on the char
- *     device at userCopyOffset(qid, tag, off) (copyRequestData).
+ *   - USER_COPY (UBLK_F_USER_COPY, 6.5): no addr in the commands; data moves by pread/pwrite of
+ *     the char device at userCopyOffset(qid, tag) (request-data.ts).
+ *   - Zero copy (SUPPORT_ZERO_COPY, 6.15): the request's pages become fixed buffer `tag` of this
+ *     ring: UBLK_U_IO_REGISTER_IO_BUF before the target sees a READ or WRITE, and
+ *     UBLK_U_IO_UNREGISTER_IO_BUF just before its commit ([BUFFER], [COMMIT]); target SQEs use
+ *     READ_FIXED/WRITE_FIXED with that index (request-data.ts).
+ *   - AUTO_BUF_REG (6.16): the same fixed buffer, registered by the kernel before the FETCH
+ *     completes and dropped by the commit: the commands carry struct ublk_auto_buf_reg
+ *     {index = tag} in sqe->addr. With UBLK_AUTO_BUF_REG_FALLBACK a registration the kernel
+ *     could not make arrives as UBLK_IO_F_NEED_REG_BUF, and the queue registers it as in zero copy.
  * Still to come, at the marked places:
- *   - Zero copy (SUPPORT_ZERO_COPY 6.15, AUTO_BUF_REG 6.16): the request's pages are registered as
- *     a fixed buffer (REGISTER_IO_BUF, or automatically into sqe->addr's index), and target
- *     SQEs use READ_FIXED/WRITE_FIXED with that index ([BUFFER], [COMMIT]).
  *   - BATCH_IO (7.0): PREP/COMMIT/FETCH_IO_CMDS move many tags per command ([FETCH], [COMMIT]).
- *   - PER_IO_DAEMON (6.16): tags may be served by different threads ([THREADING]).
  */
 import {
-  IoUring, addFlags, prepCancel2, prepNop, prepPollMultishot, registerFiles, setUserData2, updateFiles, abi as uringAbi,
+  IoUring, addFlags, prepCancel2, setU64, prepNop, prepPollMultishot, registerBuffersSparse, registerFiles, setUserData2, updateFiles,
+  abi as uringAbi,
 } from '../uring/index.js';
-import { Mapping, PAGE_SIZE, SysError, libc, sys } from '../libc/index.js';
+import { Mapping, PAGE_SIZE, SysError, errnoName, libc, sys } from '../libc/index.js';
 import {
-  UBLK_U_IO_FETCH_REQ, UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_U_IO_NEED_GET_DATA, UBLK_IO_RES_OK,
-  UBLK_IO_RES_NEED_GET_DATA, UBLK_IO_RES_ABORT, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_NAMES,
-  descOffset, descLength, userCopyOffset,
+  UBLK_U_IO_FETCH_REQ, UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_U_IO_NEED_GET_DATA, UBLK_U_IO_REGISTER_IO_BUF,
+  UBLK_U_IO_UNREGISTER_IO_BUF, UBLK_IO_RES_OK, UBLK_IO_RES_NEED_GET_DATA, UBLK_IO_RES_ABORT, UBLK_IO_OP_READ,
+  UBLK_IO_OP_WRITE, UBLK_IO_OP_NAMES, UBLK_IO_F_NEED_REG_BUF, UBLK_AUTO_BUF_REG_FALLBACK, descOffset, descLength,
 } from './abi.js';
+import { DataHome, RequestData } from './request-data.js';
 import { prepIoCmd, readIoDesc, SECTOR_SIZE, type IoDesc } from './wire.js';
 import type { IoRequest, QueueContext, QueueHandler } from './target.js';
 
@@ -65,9 +73,13 @@ const KIND_TARGET = 2; // a target SQE, callback slot = lo
 const KIND_WAKE = 3; // the wake eventfd's multishot poll
 const KIND_CANCEL = 4; // an ASYNC_CANCEL issued by close()
 const KIND_IGNORE = 5; // an SQE we turned into a NOP (prepared by a handler that then threw)
+const KIND_BUFREG = 6; // a REGISTER_IO_BUF/UNREGISTER_IO_BUF for tag = lo (a CQE only if it failed)
 
 /** Size of the ring's registered file table: slot 0 is /dev/ublkcN, the rest are the target's. */
 const FILE_SLOTS = 16;
+/** sqe->addr, in 32-bit words from the SQE's start. */
+const SQE_ADDR_WORD = uringAbi.io_uring_sqe.addr / 4;
+
 /** The char device's slot in that table. */
 const CHAR_DEV_SLOT = 0;
 
@@ -100,13 +112,28 @@ export interface UblkQueueOptions {
    * the task work that carries the request).
    */
   spinUs?: number;
+  /** Where request data lives (request-data.ts; default: the tag buffer, the kernel copies). */
+  dataHome?: DataHome;
   /**
-   * The device runs with UBLK_F_USER_COPY (6.5): the kernel copies no data. A WRITE's data is
-   * read into the tag's buffer with pread(2) on the char device before the target sees the
-   * request, and a READ's data is written from it with pwrite(2) before the commit, at the tag's
-   * user-copy position (userCopyOffset). Targets see the same buffer as in copy mode.
+   * FixedBuffer only: who registers the request's pages as fixed buffer `tag`: the queue with
+   * REGISTER_IO_BUF (zero copy, 'manual'), or the kernel (AUTO_BUF_REG, 'auto'; 'auto-fallback'
+   * also asks for UBLK_AUTO_BUF_REG_FALLBACK).
    */
-  userCopy?: boolean;
+  bufferRegistration?: 'manual' | 'auto' | 'auto-fallback';
+  /** FixedBuffer only: the kernel also takes pread/pwrite of the char device (request-data.ts). */
+  memoryCopy?: boolean;
+  /**
+   * Test hook ('auto-fallback' only): name a buffer slot that does not exist in the commands, so
+   * every automatic registration fails and each request takes the fallback path (kublk's null
+   * target does the same to test it). Set by UBLK_TEST_FORCE_REG_FALLBACK=1 in the server.
+   */
+  forceRegFallback?: boolean;
+  /**
+   * [THREADING] Per-I/O threads (UBLK_F_PER_IO_DAEMON, 6.16): this queue object serves only the
+   * tags t with t % tagStride === tagOffset (default: stride 1, every tag).
+   */
+  tagStride?: number;
+  tagOffset?: number;
   /** Called when every tag has its FETCH outstanding (the owner may then START_DEV). */
   onFetched?: () => void;
   /** Called after each wake-up; returns true to stop the queue (it may call failHeld() first). */
@@ -171,16 +198,11 @@ class TagRequest implements IoRequest {
   flags = 0;
   offset = 0;
   length = 0;
-  private sized: Buffer | undefined;
-  private whole: Buffer | undefined;
 
-  constructor(readonly tag: number, readonly address: number, private readonly bufs: Mapping, private readonly maxIoBytes: number) {}
+  constructor(readonly tag: number, private readonly data: RequestData) {}
 
   get buffer(): Buffer {
-    this.whole ??= this.bufs.bytes(this.tag * this.maxIoBytes, this.maxIoBytes);
-    const n = Math.min(this.length, this.whole.length);
-    if (this.sized?.length !== n) this.sized = this.whole.subarray(0, n);
-    return this.sized;
+    return this.data.buffer(this.tag);
   }
 
   /** "READ 4096 bytes at 1048576", for messages. */
@@ -225,8 +247,14 @@ export class UblkQueue implements QueueContext {
   private readonly maxIoBytes: number;
   private readonly handler: QueueHandler;
   private readonly opts: UblkQueueOptions;
-  /** UBLK_F_USER_COPY: the queue moves request data itself (copyRequestData). */
-  private readonly userCopy: boolean;
+  /** How request data moves in this device's data path. */
+  private readonly data: RequestData;
+  /** What the commands carry in addr: the tag buffer (copy modes), 0, or a ublk_auto_buf_reg. */
+  private readonly cmdAddr: 'buffer' | 'none' | 'auto';
+  /** The auto_buf_reg flags byte (UBLK_AUTO_BUF_REG_FALLBACK or 0). */
+  private readonly autoRegFlags: number;
+  /** The queue registers request pages itself (zero copy, or the auto_zc fallback). */
+  private readonly manualRegistration: boolean;
   private readonly log: (line: string) => void;
 
   // Per tag.
@@ -238,10 +266,14 @@ export class UblkQueue implements QueueContext {
   /** The target completed the request while its SQEs were in flight: committed when they finish. */
   private readonly deferred: Uint8Array;
   private readonly deferredResult: Int32Array;
+  /** The request's pages are a fixed buffer the queue registered (UNREGISTER_IO_BUF before the commit). */
+  private readonly registered: Uint8Array;
   /** One request object per tag, refilled for each request the tag carries. */
   private readonly requests: TagRequest[] = [];
 
   private doneTags = 0;
+  /** The tags this queue object serves (every tag, unless the queue is split among threads). */
+  private readonly tags: Int32Array;
   /** Tags in the Serving state. */
   private serving = 0;
 
@@ -289,37 +321,53 @@ export class UblkQueue implements QueueContext {
 
   constructor(opts: UblkQueueOptions) {
     this.opts = opts;
-    this.userCopy = opts.userCopy === true;
+    const home = opts.dataHome ?? DataHome.TagBuffer;
+    this.cmdAddr = home === DataHome.TagBuffer ? 'buffer' : home === DataHome.UserCopy || opts.bufferRegistration === 'manual' ? 'none' : 'auto';
+    this.autoRegFlags = opts.bufferRegistration === 'auto-fallback' ? UBLK_AUTO_BUF_REG_FALLBACK : 0;
+    this.manualRegistration = home === DataHome.FixedBuffer && opts.bufferRegistration === 'manual';
     this.qid = opts.qid;
     this.depth = opts.depth;
     this.handler = opts.handler;
     this.maxIoBytes = opts.maxIoBytes;
     this.log = opts.log ?? ((line) => process.stderr.write(`${line}\n`));
     const n = opts.depth;
+    const stride = opts.tagStride ?? 1;
+    const first = opts.tagOffset ?? 0;
+    if (!(stride >= 1 && first >= 0 && first < stride && first < n)) throw new Error(`queue ${opts.qid}: no tags for offset ${first} of stride ${stride} at depth ${n}`);
+    this.tags = Int32Array.from({ length: Math.ceil((n - first) / stride) }, (_, i) => first + i * stride);
     this.state = new Uint8Array(n);
     this.inFlight = new Uint32Array(n);
     this.failed = new Uint8Array(n);
     this.deferred = new Uint8Array(n);
     this.deferredResult = new Int32Array(n);
     this.linkedSlot = new Int32Array(n).fill(-1);
+    this.registered = new Uint8Array(n);
     const cleanup: Array<() => void> = [() => this.scratch.unmap()];
     try {
       // The kernel finds the queue from the offset with its own PAGE_SIZE: ours must be the same.
       this.descs = Mapping.file(opts.charFd, descLength(n, PAGE_SIZE), descOffset(opts.qid, PAGE_SIZE), libc.PROT_READ, false);
       cleanup.push(() => this.descs.unmap());
       this.desc32 = this.descs.u32;
-      // [BUFFER] copy mode: one buffer per tag, backed as it is touched (NORESERVE: a deep queue
-      // of large requests reserves address space, not memory).
+      // [BUFFER] one buffer per tag, backed as it is touched (NORESERVE: a deep queue of large
+      // requests reserves address space, not memory). Copy modes hand it to the kernel; the
+      // copy-free modes stage data in it only for targets that ask (request-data.ts).
       this.bufs = Mapping.anonymous(n * opts.maxIoBytes, { noReserve: true });
       cleanup.push(() => this.bufs.unmap());
-      // Room for a command per tag plus target I/O; the CQ gets twice that.
+      this.data = new RequestData({
+        home, charFd: opts.charFd, qid: opts.qid, depth: n, bufs: this.bufs, maxIoBytes: opts.maxIoBytes,
+        userCopy: opts.memoryCopy === true, report: (line) => this.report('copy', line),
+      });
+      // Room for a command per tag served plus target I/O; the CQ gets twice that.
       let entries = 1;
-      while (entries < n * 2) entries <<= 1;
+      while (entries < this.tags.length * 2) entries <<= 1;
       this.ring = openQueueRing(Math.min(entries, 4096));
       cleanup.push(() => this.ring.close());
       // The char device as a fixed file: saves an fget per command (ublksrv does the same). The
       // other slots start empty, for the target's own files (registerFile).
       registerFiles(this.ring, [opts.charFd, ...new Array<number>(FILE_SLOTS - 1).fill(-1)]);
+      // [BUFFER] zero copy: an empty fixed-buffer table with a slot per tag, where ublk_drv puts
+      // each request's pages (io_buffer_register_bvec needs the slot to exist and be empty).
+      if (home === DataHome.FixedBuffer) registerBuffersSparse(this.ring, n);
     } catch (e) {
       for (const f of cleanup.reverse()) f();
       throw e;
@@ -382,7 +430,7 @@ export class UblkQueue implements QueueContext {
     const tag = this.currentTag;
     if (tag < 0) throw new Error(`queue ${this.qid}: trackAndCommit outside a request (use track)`);
     if (w === this.lastSqe && this.inFlight[tag] === 0 && !this.failed[tag] && !this.failingAll && !this.draining
-      && this.ring.sqPending > 0 && this.sendsAsIs(tag, result) && !this.copiesOut(tag)) {
+      && this.ring.sqPending > 0 && this.sendsAsIs(tag, result) && !this.data.copiesOut(tag) && !this.registered[tag]) {
       // The command must be the very next SQE (a link joins consecutive SQEs), and w must still
       // be unpublished, or the kernel could already be running it without the link.
       const c = this.ring.getSqe();
@@ -477,6 +525,26 @@ export class UblkQueue implements QueueContext {
     this.commit(tag, res);
   }
 
+  prepReadInto(w: number, tag: number, fd: number, fileOffset: number, at: number, len: number): void {
+    this.data.prepReadInto(this.ring.sqes, w, tag, fd, fileOffset, at, len);
+  }
+
+  prepWriteFrom(w: number, tag: number, fd: number, fileOffset: number, at: number, len: number): void {
+    this.data.prepWriteFrom(this.ring.sqes, w, tag, fd, fileOffset, at, len);
+  }
+
+  copyToRequest(tag: number, src: Buffer, at: number): number {
+    return this.data.copyToRequest(tag, src, at);
+  }
+
+  copyFromRequest(tag: number, dst: Buffer, at: number): number {
+    return this.data.copyFromRequest(tag, dst, at);
+  }
+
+  zeroRequest(tag: number, at: number, len: number): number {
+    return this.data.zeroRequest(tag, at, len);
+  }
+
   // -------------------------------------------------------------------------------------------
   // Commands to the kernel
   // -------------------------------------------------------------------------------------------
@@ -499,62 +567,48 @@ export class UblkQueue implements QueueContext {
   }
 
   private prepCmd(w: number, op: number, tag: number, result: number): void {
-    // [BUFFER] copy mode passes the tag's buffer; USER_COPY and zero copy pass 0 ("addr should
-    // not be used when UBLK_F_USER_COPY is enabled", ublk_cmd.h).
-    prepIoCmd(this.ring.sqes, w, op, CHAR_DEV_SLOT, true, this.qid, tag, result, this.userCopy ? 0 : this.bufs.address + tag * this.maxIoBytes);
-    setUserData2(this.ring.sqes, w, tag, KIND_CMD);
+    // [BUFFER] copy modes pass the tag's buffer in the command; the copy-free modes pass 0 ("addr
+    // should not be used when UBLK_F_USER_COPY is enabled", ublk_cmd.h; ublk_check_fetch_buf
+    // refuses anything else). AUTO_BUF_REG puts struct ublk_auto_buf_reg {index u16, flags u8,
+    // reserved} in the SQE's own addr field instead (ublk_sqe_addr_to_auto_buf_reg): the
+    // fixed-buffer slot the kernel registers the tag's next request into is the tag.
+    const a = this.cmdAddr;
+    const s = this.ring.sqes;
+    prepIoCmd(s, w, op, CHAR_DEV_SLOT, true, this.qid, tag, result, a === 'buffer' ? this.data.address(tag) : 0);
+    if (a === 'auto') setU64(s, w + SQE_ADDR_WORD, this.autoRegIndex(tag) + this.autoRegFlags * 0x10000);
+    setUserData2(s, w, tag, KIND_CMD);
+  }
+
+  /** The fixed-buffer slot the kernel registers tag's next request into (AUTO_BUF_REG). */
+  private autoRegIndex(tag: number): number {
+    return this.opts.forceRegFallback ? 0xffff : tag;
+  }
+
+  /**
+   * Zero copy: REGISTER_IO_BUF or UNREGISTER_IO_BUF of tag's request pages as fixed buffer `tag`
+   * (struct ublksrv_io_cmd addr = the buffer index). Both complete inline, in SQ order, so the
+   * target's SQEs queued after the register find the buffer, and the commit queued after the
+   * unregister finds it gone; a success posts no CQE (IOSQE_CQE_SKIP_SUCCESS).
+   */
+  private queueBufferCmd(op: number, tag: number): void {
+    const w = this.nextSqe();
+    prepIoCmd(this.ring.sqes, w, op, CHAR_DEV_SLOT, true, this.qid, tag, 0, tag);
+    addFlags(this.ring.sqes, w, uringAbi.IOSQE_CQE_SKIP_SUCCESS);
+    setUserData2(this.ring.sqes, w, tag, KIND_BUFREG);
   }
 
   /** Answers tag's request with `res` (already checked) and re-arms the tag. */
   private commit(tag: number, res: number): void {
-    if (res > 0 && this.copiesOut(tag)) res = this.copyRequestData(tag, res, true);
+    res = this.data.finish(tag, res);
+    if (this.registered[tag]) {
+      // [COMMIT] zero copy: the pages go back before the answer (the request completes when its
+      // last reference, the buffer's included, is dropped: ublk_drv's io->ref).
+      this.registered[tag] = 0;
+      this.queueBufferCmd(UBLK_U_IO_UNREGISTER_IO_BUF, tag);
+    }
     // [COMMIT] BATCH_IO would gather these into one COMMIT_IO_CMDS.
     this.commitInto(this.nextSqe(), tag, res);
     this.state[tag] = TagState.InKernel;
-  }
-
-  /**
-   * USER_COPY: a READ's data goes to the kernel (copyRequestData, in commit) before the answer
-   * that completes it, so its commit can never be linked behind the target's SQE.
-   */
-  private copiesOut(tag: number): boolean {
-    return this.userCopy && this.requests[tag]!.op === UBLK_IO_OP_READ;
-  }
-
-  /**
-   * USER_COPY: moves `bytes` of tag's request between the kernel's request and the tag's buffer,
-   * by pwrite (`out`: a READ's data to the kernel) or pread (a WRITE's data from it) on the char
-   * device at the tag's user-copy position. ublk_drv takes such a copy only while the request is
-   * the server's (UBLK_IO_FLAG_OWNED_BY_SRV), and only in the request's direction (pread for a
-   * WRITE, pwrite for a READ; ublk_check_ubuf_dir). Synchronous, as kublk does it: the copy is
-   * a memcpy in the kernel, and an SQE on the char device could be handed to an io-wq worker
-   * (the file does not promise NOWAIT), which is no place for a commit linked behind it. Returns
-   * `bytes`, or a negative errno (with a line in the log) that the request is then failed with.
-   */
-  private copyRequestData(tag: number, bytes: number, out: boolean): number {
-    const req = this.requests[tag]!;
-    const base = req.address;
-    const pos = userCopyOffset(this.qid, tag);
-    let done = 0;
-    while (done < bytes) {
-      let n: number;
-      try {
-        n = out
-          ? sys.pwrite(this.opts.charFd, base + done, bytes - done, pos + done)
-          : sys.pread(this.opts.charFd, base + done, bytes - done, pos + done);
-      } catch (e) {
-        if (!(e instanceof SysError)) throw e;
-        if (e.errno === libc.EINTR) continue;
-        this.report('copy', `ublk queue ${this.qid}: user copy of tag ${tag}'s ${req.describe()} failed: ${e.message}`);
-        return -e.errno;
-      }
-      if (n === 0) {
-        this.report('copy', `ublk queue ${this.qid}: user copy of tag ${tag}'s ${req.describe()} stopped at ${done} bytes`);
-        return -libc.EIO;
-      }
-      done += n;
-    }
-    return bytes;
   }
 
   /** Prepares tag's COMMIT_AND_FETCH with `res` in SQE `w`; the request is no longer being served. */
@@ -670,7 +724,7 @@ export class UblkQueue implements QueueContext {
       return;
     }
     const d = readIoDesc(this.desc32, tag, this.desc);
-    const req = (this.requests[tag] ??= new TagRequest(tag, this.bufs.address + tag * this.maxIoBytes, this.bufs, this.maxIoBytes));
+    const req = (this.requests[tag] ??= new TagRequest(tag, this.data));
     req.op = d.op;
     req.flags = d.flags;
     req.offset = d.startSector * SECTOR_SIZE;
@@ -679,12 +733,14 @@ export class UblkQueue implements QueueContext {
     this.serving++;
     this.failed[tag] = 0;
     this.deferred[tag] = 0;
-    if (this.userCopy && req.op === UBLK_IO_OP_WRITE && req.length > 0) {
-      // USER_COPY: the data first (ublk_drv copied nothing); a copy that fails fails the request.
-      const copied = this.copyRequestData(tag, req.length, false);
-      if (copied < 0) {
-        this.commit(tag, copied);
-        return;
+    this.data.begin(tag, req.op, req.length);
+    if ((this.manualRegistration || d.flags & UBLK_IO_F_NEED_REG_BUF) && (req.op === UBLK_IO_OP_READ || req.op === UBLK_IO_OP_WRITE) && req.length > 0) {
+      // [BUFFER] zero copy (or an automatic registration the kernel could not make): the
+      // request's pages become fixed buffer `tag` before any SQE of the target can name them.
+      this.registered[tag] = 1;
+      this.queueBufferCmd(UBLK_U_IO_REGISTER_IO_BUF, tag);
+      if (!this.manualRegistration) {
+        this.report('fallback', `ublk queue ${this.qid}: the kernel could not register tag ${tag}'s buffer (UBLK_IO_F_NEED_REG_BUF); the queue registers it`);
       }
     }
     this.currentTag = tag;
@@ -810,7 +866,12 @@ export class UblkQueue implements QueueContext {
       if (kind === KIND_CMD) this.cmdCqe(lo, res);
       else if (kind === KIND_TARGET) this.targetCqe(lo, res, cq[c + 3]!);
       else if (kind === KIND_WAKE) this.wakeCqe(cq[c + 3]!);
-      else if (kind !== KIND_CANCEL && kind !== KIND_IGNORE) {
+      else if (kind === KIND_BUFREG) {
+        // Only a failure posts a CQE. A failed register fails the target's fixed-buffer SQEs
+        // (no buffer at that index), and so its request; a failed unregister leaves the buffer
+        // to the ring's teardown, which drops it.
+        this.report('bufreg', `ublk queue ${this.qid}: the kernel refused a buffer (un)registration for tag ${lo}: ${errnoName(-res)}`);
+      } else if (kind !== KIND_CANCEL && kind !== KIND_IGNORE) {
         this.report('stray', `ublk queue ${this.qid}: a CQE nobody tracked (user_data ${kind}:${lo}, res ${res}): an SQE a target never passed to track()`);
       }
     }
@@ -863,7 +924,7 @@ export class UblkQueue implements QueueContext {
    */
   run(): number {
     this.handler.start?.(this);
-    for (let tag = 0; tag < this.depth; tag++) this.queueCmd(UBLK_U_IO_FETCH_REQ, tag, -1);
+    for (const tag of this.tags) this.queueCmd(UBLK_U_IO_FETCH_REQ, tag, -1);
     if (this.opts.wakeFd !== undefined) this.armWake();
     this.enter(0);
     // Every FETCH must be in the kernel before START_DEV; back-pressure may have left some queued.
@@ -871,7 +932,7 @@ export class UblkQueue implements QueueContext {
     this.opts.onFetched?.();
 
     const spinMs = (this.opts.spinUs ?? 0) / 1000;
-    while ((this.doneTags < this.depth || this.targetInFlight > 0) && !this.stopRequested) {
+    while ((this.doneTags < this.tags.length || this.targetInFlight > 0) && !this.stopRequested) {
       if (spinMs === 0) this.enter(1);
       else if (this.ring.cqReady() === 0) {
         this.enter(0); // the commits go now, not after the spin

@@ -19,8 +19,9 @@
 import type { Worker } from 'node:worker_threads';
 import { SysError, libc, sys } from '../libc/index.js';
 import { UblkControl, UblkError, stateName, type DevInfo } from './control.js';
-import { UBLK_F_QUIESCE, UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES, UBLK_S_DEV_LIVE } from './abi.js';
+import { UBLK_F_PER_IO_DAEMON, UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES, UBLK_S_DEV_LIVE } from './abi.js';
 import { paramsFor, specProblem } from './params.js';
+import { queueDataPath } from './modes.js';
 import { ANY_DEV_ID } from './wire.js';
 import type { DeviceSpec, TargetDefinition } from './target.js';
 import { AsyncQueuePort, type AsyncTarget } from './async-main-thread.js';
@@ -65,6 +66,19 @@ export interface ServerOptions<O> {
    * microseconds watching its rings for the next request (UblkQueueOptions.spinUs). Default 0.
    */
   spinUs?: number;
+  /**
+   * AUTO_BUF_REG devices: ask for UBLK_AUTO_BUF_REG_FALLBACK, so a request whose pages the kernel
+   * could not register arrives marked UBLK_IO_F_NEED_REG_BUF for the queue to register itself,
+   * instead of failing (`--auto_zc_fallback`).
+   */
+  autoZcFallback?: boolean;
+  /**
+   * Threads per queue (default 1). More than one splits each queue's tags among that many
+   * threads, each with its own ring (tag t goes to thread t % threadsPerQueue), which needs
+   * UBLK_F_PER_IO_DAEMON (6.16): commands for a tag must come from the thread that fetched it,
+   * and before 6.16 the kernel wanted one thread per queue.
+   */
+  threadsPerQueue?: number;
   /**
    * Aborting it (during start() or any time after) makes every queue fail the requests its
    * target holds, and all later ones, with EIO (UblkQueue.failHeld): the way out when a target
@@ -399,11 +413,20 @@ async function attachQueues<O>(a: {
 }): Promise<void> {
   const { info, opts, started } = a;
   // The kernel caps nr_hw_queues at the number of possible CPUs: serve what it granted.
+  // [THREADING] with per-I/O threads, each queue's tags are split among threadsPerQueue threads.
+  const k = Math.min(opts.threadsPerQueue ?? 1, info.queueDepth);
+  if (k > 1 && !(info.flags & UBLK_F_PER_IO_DAEMON)) {
+    // ublk_drv grants PER_IO_DAEMON itself (6.16); without it a queue's tags must all come from one task.
+    throw new UblkError(`${k} threads per queue need UBLK_F_PER_IO_DAEMON (Linux 6.16), which this kernel did not grant: it serves each queue from one thread`);
+  }
   for (let qid = 0; qid < info.nrHwQueues; qid++) {
-    started.push(spawnQueue({
-      info, charFd: a.charFd, qid, targetUrl: a.targetUrl, targetOptions: opts.targetOptions ?? {}, device: a.spec.queueData,
-      nrCounters: a.nrCounters, asyncTarget: opts.asyncTarget, drainTimeoutMs: opts.drainTimeoutMs, spinUs: opts.spinUs, log: opts.log,
-    }));
+    for (let t = 0; t < k; t++) {
+      started.push(spawnQueue({
+        info, charFd: a.charFd, qid, targetUrl: a.targetUrl, targetOptions: opts.targetOptions ?? {}, device: a.spec.queueData,
+        nrCounters: a.nrCounters, asyncTarget: opts.asyncTarget, drainTimeoutMs: opts.drainTimeoutMs, spinUs: opts.spinUs, autoZcFallback: opts.autoZcFallback, log: opts.log,
+        tagStride: k, tagOffset: t,
+      }));
+    }
   }
   opts.force?.addEventListener('abort', () => started.forEach((q) => signalQueue(q, CONTROL_FAIL_HELD)), { once: true });
   // A queue that ends before it has fetched failed; an abort ends the wait too.
@@ -475,6 +498,9 @@ interface SpawnOptions {
   asyncTarget?: AsyncTarget;
   drainTimeoutMs?: number;
   spinUs?: number;
+  autoZcFallback?: boolean;
+  tagStride?: number;
+  tagOffset?: number;
   log?: (line: string) => void;
 }
 
@@ -494,7 +520,10 @@ function spawnQueue(o: SpawnOptions): QueueThread {
     drainTimeoutMs: o.drainTimeoutMs,
     spinUs: o.spinUs,
     // The negotiated flags, so a recovering server serves the mode the device was added with.
-    userCopy: (o.info.flags & UBLK_F_USER_COPY) !== 0,
+    ...queueDataPath(o.info.flags, o.autoZcFallback),
+    forceRegFallback: process.env.UBLK_TEST_FORCE_REG_FALLBACK === '1',
+    tagStride: o.tagStride,
+    tagOffset: o.tagOffset,
     targetUrl: o.targetUrl,
     targetOptions: o.targetOptions,
     wakeFd,

@@ -24,8 +24,15 @@ import type { IoUring } from '../uring/index.js';
 
 /**
  * One block request, as the kernel described it in the queue's descriptor array. Valid until the
- * target completes it: the queue reuses the object (and the buffer) for the tag's next request,
- * so copy out anything needed later.
+ * target completes it: the queue reuses the object for the tag's next request, so copy out
+ * anything needed later.
+ *
+ * Where the request's data is depends on the device's data path (modes.ts): in a buffer of ours
+ * the kernel copies into (copy, get_data), in the kernel only, moved by pread/pwrite of the char
+ * device (user_copy), or in the kernel only, reachable by io_uring fixed-buffer SQEs (zero copy,
+ * auto_zc). A target does not need to know which: it moves data through {@link QueueContext}'s
+ * prepReadInto / prepWriteFrom (SQEs between a file and the request), copyToRequest /
+ * copyFromRequest (its own memory), or, simplest and slowest in the copy-free modes, `buffer`.
  */
 export interface IoRequest {
   /** The tag: index of this request's slot in the queue (0 .. depth-1). */
@@ -39,12 +46,14 @@ export interface IoRequest {
   /** Byte length (nr_sectors * 512). */
   readonly length: number;
   /**
-   * This tag's I/O buffer, `length` bytes, zero-copy over memory we mmapped: holds a WRITE's
-   * data, receives a READ's. Valid until the request is completed.
+   * The request's data as `length` bytes of memory we mmapped: holds a WRITE's data, receives a
+   * READ's. In copy mode it is the tag's buffer the kernel copies to and from, at no extra cost.
+   * In the modes where the kernel copies nothing, the first use stages the data through that
+   * buffer: a WRITE's data is read in at once (pread of the char device), a READ's is written out
+   * when the request completes; a target that moves its data with the context's functions
+   * instead never pays for that. Valid until the request is completed.
    */
   readonly buffer: Buffer;
-  /** The buffer's address, for SQEs the target issues itself. */
-  readonly address: number;
 }
 
 /** What a queue handler can use besides the request. */
@@ -73,6 +82,34 @@ export interface QueueContext {
   trackAndCommit(w: number, expect: number, result: number, onCqe: (res: number, flags: number) => void): void;
   /** Completes request `tag` with `result` (bytes, 0, or -errno); for results not returned by handle. */
   complete(tag: number, result: number): void;
+  /**
+   * Prepares SQE `w` (from {@link getSqe}) to read `len` bytes of file `fd` at `fileOffset` into
+   * request `tag`'s data at byte `at`: "read these bytes of my backing into the request", for a
+   * READ. The engine picks the SQE the data path needs: IORING_OP_READ into the tag's buffer
+   * (copy modes, and user copy, which then writes the buffer out at completion) or
+   * IORING_OP_READ_FIXED on the request's own pages, registered as a fixed buffer (zero copy).
+   * Sets no SQE flags: add IOSQE_FIXED_FILE (when `fd` is a registerFile index), rw flags, and
+   * track it as any other SQE.
+   */
+  prepReadInto(w: number, tag: number, fd: number, fileOffset: number, at: number, len: number): void;
+  /**
+   * Prepares SQE `w` to write request `tag`'s data, `len` bytes from byte `at`, to file `fd` at
+   * `fileOffset`: "write the request's bytes to my backing", for a WRITE. IORING_OP_WRITE from
+   * the tag's buffer (user copy reads the data in first) or IORING_OP_WRITE_FIXED (zero copy).
+   * Throws a SysError if the data could not be staged (the request then fails).
+   */
+  prepWriteFrom(w: number, tag: number, fd: number, fileOffset: number, at: number, len: number): void;
+  /**
+   * "Here is the data": copies `src` into request `tag`'s data at byte `at`, for a READ whose
+   * bytes the target has in memory (mem) or computes. One memcpy in copy mode, one pwrite of the
+   * char device straight from `src` in the copy-free modes. Returns the bytes copied, or a
+   * negative errno to fail the request with.
+   */
+  copyToRequest(tag: number, src: Buffer, at: number): number;
+  /** Copies request `tag`'s data from byte `at` into `dst` (its whole length), for a WRITE; as copyToRequest. */
+  copyFromRequest(tag: number, dst: Buffer, at: number): number;
+  /** Fills `len` bytes of request `tag`'s data from byte `at` with zeros (a READ past the end of a backing). */
+  zeroRequest(tag: number, at: number, len: number): number;
   /**
    * Registers `fd` in the ring's file table and returns its index: SQEs that set
    * IOSQE_FIXED_FILE and put the index in `fd` skip the per-I/O file lookup and reference

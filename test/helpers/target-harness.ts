@@ -3,14 +3,23 @@
  * mapped memory, and requests we make up. It plays the part of src/ublk/queue.ts (the
  * QueueContext a handler sees) so the target's request logic can be tested where no ublk_drv
  * exists, down to exact results, counters and SQE fields.
+ *
+ * Request data moves as the queue moves it (request-data.ts): in copy mode through the tag
+ * buffers, and in user-copy mode through pread/pwrite of a file that stands in for the char
+ * device, at the same user-copy positions (a sparse file: the kernel's side of each request is
+ * the bytes at the tag's position, see requestBytes).
  */
-import { IoUring, Mapping, setUserData2, registerFiles, updateFiles } from '../../src/uring/index.js';
+import { IoUring, Mapping, setUserData2, registerFiles, updateFiles, sys } from '../../src/uring/index.js';
 import type { IoRequest, QueueContext, QueueHandler, TargetDefinition } from '../../src/ublk/target.js';
+import { DataHome, RequestData } from '../../src/ublk/request-data.js';
+import { userCopyOffset } from '../../src/ublk/abi.js';
 
 export interface HarnessOptions {
   depth?: number;
   /** Bytes per tag buffer (the device's largest request). */
   maxIoBytes?: number;
+  /** User-copy mode: this fd (a regular file) plays the char device. Default: copy mode. */
+  userCopyFd?: number;
 }
 
 export class TargetHarness implements QueueContext {
@@ -21,6 +30,8 @@ export class TargetHarness implements QueueContext {
   readonly maxIoBytes: number;
   readonly counters: Float64Array;
   readonly handler: QueueHandler;
+  readonly data: RequestData;
+  private readonly userCopyFd: number | undefined;
   /** Results by tag, as the handler completed them. */
   readonly results = new Map<number, number>();
   /** Every SQE the handler tracked, copied as 16 words before submission. */
@@ -45,6 +56,12 @@ export class TargetHarness implements QueueContext {
     this.ring = new IoUring(64);
     registerFiles(this.ring, new Array<number>(16).fill(-1));
     this.bufs = Mapping.anonymous(this.depth * this.maxIoBytes);
+    this.userCopyFd = opts.userCopyFd;
+    this.data = new RequestData({
+      home: opts.userCopyFd === undefined ? DataHome.TagBuffer : DataHome.UserCopy,
+      charFd: opts.userCopyFd ?? -1, qid: 0, depth: this.depth, bufs: this.bufs, maxIoBytes: this.maxIoBytes,
+      userCopy: false, report: (line) => { throw new Error(line); },
+    });
     this.counters = new Float64Array(Math.max(1, def.counters?.length ?? 0));
     this.handler = def.openQueue(options, { qid: 0, depth: this.depth, post: () => undefined, device, counters: this.counters });
     this.handler.start?.(this);
@@ -86,20 +103,55 @@ export class TargetHarness implements QueueContext {
 
   complete(tag: number, result: number): void {
     if (this.results.has(tag)) throw new Error(`tag ${tag} completed twice`);
-    this.results.set(tag, result);
+    // As the queue's commit does: a READ staged in the tag buffer goes to the "kernel" first.
+    this.results.set(tag, this.data.finish(tag, result));
   }
 
-  /** Tag `tag`'s I/O buffer. */
+  prepReadInto(w: number, tag: number, fd: number, fileOffset: number, at: number, len: number): void {
+    this.data.prepReadInto(this.ring.sqes, w, tag, fd, fileOffset, at, len);
+  }
+
+  prepWriteFrom(w: number, tag: number, fd: number, fileOffset: number, at: number, len: number): void {
+    this.data.prepWriteFrom(this.ring.sqes, w, tag, fd, fileOffset, at, len);
+  }
+
+  copyToRequest(tag: number, src: Buffer, at: number): number {
+    return this.data.copyToRequest(tag, src, at);
+  }
+
+  copyFromRequest(tag: number, dst: Buffer, at: number): number {
+    return this.data.copyFromRequest(tag, dst, at);
+  }
+
+  zeroRequest(tag: number, at: number, len: number): number {
+    return this.data.zeroRequest(tag, at, len);
+  }
+
+  /**
+   * The request's data as the kernel sees it: tag `tag`'s I/O buffer in copy mode; in user-copy
+   * mode a copy of the bytes at the tag's position in the stand-in file (write to it with
+   * setRequestBytes).
+   */
   buffer(tag: number, length = this.maxIoBytes): Buffer {
-    return this.bufs.bytes(tag * this.maxIoBytes, length);
+    if (this.userCopyFd === undefined) return this.bufs.bytes(tag * this.maxIoBytes, length);
+    const b = Buffer.alloc(length);
+    sys.preadInto(this.userCopyFd, b, userCopyOffset(0, tag));
+    return b;
   }
 
-  /** Makes a request for `tag` (its buffer is the tag's) and hands it to the handler. */
+  /** Puts `data` where the kernel keeps request `tag`'s data (for a WRITE's data before submit). */
+  setRequestBytes(tag: number, data: Buffer): void {
+    if (this.userCopyFd === undefined) data.copy(this.bufs.bytes(tag * this.maxIoBytes, data.length));
+    else sys.pwriteFrom(this.userCopyFd, data, userCopyOffset(0, tag));
+  }
+
+  /** Makes a request for `tag` and hands it to the handler. */
   submit(tag: number, op: number, offset: number, length: number, flags = 0): void {
+    const data = this.data;
+    this.data.begin(tag, op, length);
     const req: IoRequest = {
       tag, op, flags, offset, length,
-      buffer: this.buffer(tag, Math.min(length, this.maxIoBytes)),
-      address: this.bufs.address + tag * this.maxIoBytes,
+      get buffer() { return data.buffer(tag); },
     };
     this.results.delete(tag);
     this.current = tag;

@@ -1,0 +1,222 @@
+/**
+ * Where a request's bytes are, and how they move, for each data path (modes.ts): the one place
+ * that knows it, so that a target asks for "these bytes of my backing into the request" or
+ * "here is the data" (target.ts, QueueContext) and never needs to know the device's mode.
+ *
+ *   - Kernel copies (copy, get_data): ublk_drv copies a WRITE's data into the tag's buffer before
+ *     the request reaches us and a READ's out of it at commit (ublk_map_io / ublk_unmap_io). The
+ *     tag buffer is the request's data: SQEs read and write it, copies are a memcpy.
+ *   - User copy (user_copy): the kernel copies nothing. Data moves by pread/pwrite of
+ *     /dev/ublkcN at the tag's user-copy position (userCopyOffset): a pread gets a WRITE's data,
+ *     a pwrite gives a READ's (ublk_check_ubuf_dir allows only that direction), and only while
+ *     the server owns the request. A target's own memory goes straight to the kernel in one call;
+ *     SQEs between a file and the request, and `IoRequest.buffer`, go through the tag buffer,
+ *     which is then "staged": read in once for a WRITE, written out at commit for a READ.
+ *   - Fixed buffers (zero copy, auto_zc): the request's own pages are a fixed buffer of the
+ *     queue's ring at index = tag (registered by REGISTER_IO_BUF, or by the kernel itself with
+ *     AUTO_BUF_REG; the queue does that part). SQEs use READ_FIXED/WRITE_FIXED with sqe->addr
+ *     the byte offset in the request (a kernel-registered buffer starts at address 0), and the
+ *     data never passes through user memory. Memory copies use the user-copy calls where the
+ *     kernel allows them next to zero copy (`userCopy`), and are refused otherwise.
+ *
+ * The pread/pwrite calls are synchronous, as kublk makes them: each is a memcpy in the kernel,
+ * and an SQE on the char device could be handed to an io-wq worker (the file does not promise
+ * NOWAIT), which is no place for a commit linked behind it.
+ */
+import { prepRead, prepReadFixed, prepWrite, prepWriteFixed } from '../uring/index.js';
+import { Mapping, SysError, libc, sys } from '../libc/index.js';
+import { UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, userCopyOffset } from './abi.js';
+
+/** Where request data lives for the queue (see the module comment). */
+export const enum DataHome {
+  /** The tag buffer (copy, get_data). */
+  TagBuffer,
+  /** The kernel, reached with pread/pwrite of the char device (user_copy). */
+  UserCopy,
+  /** The kernel, registered as fixed buffer `tag` of the queue's ring (zero copy, auto_zc). */
+  FixedBuffer,
+}
+
+export interface RequestDataOptions {
+  home: DataHome;
+  charFd: number;
+  qid: number;
+  depth: number;
+  /** The tag buffers: tag t's is `maxIoBytes` bytes at `t * maxIoBytes`. */
+  bufs: Mapping;
+  maxIoBytes: number;
+  /**
+   * FixedBuffer only: the char device also takes pread/pwrite at the user-copy position, so
+   * memory copies and `IoRequest.buffer` work (the kernel allows it next to zero copy).
+   */
+  userCopy: boolean;
+  /** Reports a failed copy (one line, rate-limited by the caller). */
+  report(line: string): void;
+}
+
+/** Zeros for zeroRequest in the copy-free modes: memory we mapped, never written. */
+let zeroPage: Buffer | undefined;
+const ZERO_BYTES = 64 * 1024;
+
+export class RequestData {
+  private readonly o: RequestDataOptions;
+  private readonly home: DataHome;
+  /** Per tag: the op and length of the request being served. */
+  private readonly op: Uint8Array;
+  private readonly length: Uint32Array;
+  /** Per tag (copy-free modes): the tag buffer holds the request's data (see the module comment). */
+  private readonly staged: Uint8Array;
+  /** Per tag: a Buffer over its whole tag buffer, made on first use. */
+  private readonly views: Array<Buffer | undefined>;
+
+  constructor(o: RequestDataOptions) {
+    this.o = o;
+    this.home = o.home;
+    this.op = new Uint8Array(o.depth);
+    this.length = new Uint32Array(o.depth);
+    this.staged = new Uint8Array(o.depth);
+    this.views = new Array<Buffer | undefined>(o.depth);
+  }
+
+  /** The data path reaches request data from user memory (memory copies, `buffer`). */
+  get memoryAccess(): boolean {
+    return this.home !== DataHome.FixedBuffer || this.o.userCopy;
+  }
+
+  /** A new request for `tag`. */
+  begin(tag: number, op: number, length: number): void {
+    this.op[tag] = op;
+    this.length[tag] = length;
+    this.staged[tag] = this.home === DataHome.TagBuffer ? 1 : 0;
+  }
+
+  /** Address of tag's buffer. */
+  address(tag: number): number {
+    return this.o.bufs.address + tag * this.o.maxIoBytes;
+  }
+
+  private view(tag: number): Buffer {
+    return (this.views[tag] ??= this.o.bufs.bytes(tag * this.o.maxIoBytes, this.o.maxIoBytes));
+  }
+
+  /** IoRequest.buffer: the tag buffer, holding the request's data (staged first where needed). */
+  buffer(tag: number): Buffer {
+    this.stage(tag);
+    return this.view(tag).subarray(0, Math.min(this.length[tag]!, this.o.maxIoBytes));
+  }
+
+  /**
+   * Makes the tag buffer the request's data: in the copy-free modes, reads a WRITE's data in
+   * (a READ's goes out at commit, see finish). Throws a SysError if that read fails.
+   */
+  private stage(tag: number): void {
+    if (this.staged[tag]) return;
+    if (!this.memoryAccess) throw noMemoryAccess();
+    this.staged[tag] = 1;
+    const len = this.length[tag]!;
+    if (this.op[tag] === UBLK_IO_OP_WRITE && len > 0) {
+      const r = this.userCopy(tag, this.view(tag).subarray(0, len), 0, false);
+      if (r < 0) {
+        this.staged[tag] = 0;
+        throw new SysError(-r, `reading tag ${tag}'s WRITE data from the kernel`);
+      }
+    }
+  }
+
+  prepReadInto(s: Uint32Array, w: number, tag: number, fd: number, fileOffset: number, at: number, len: number): void {
+    if (this.home === DataHome.FixedBuffer) {
+      prepReadFixed(s, w, fd, at, len, fileOffset, tag);
+      return;
+    }
+    // User copy: the READ lands in the tag buffer, which goes to the kernel at commit.
+    this.staged[tag] = 1;
+    prepRead(s, w, fd, this.address(tag) + at, len, fileOffset);
+  }
+
+  prepWriteFrom(s: Uint32Array, w: number, tag: number, fd: number, fileOffset: number, at: number, len: number): void {
+    if (this.home === DataHome.FixedBuffer) {
+      prepWriteFixed(s, w, fd, at, len, fileOffset, tag);
+      return;
+    }
+    this.stage(tag);
+    prepWrite(s, w, fd, this.address(tag) + at, len, fileOffset);
+  }
+
+  copyToRequest(tag: number, src: Buffer, at: number): number {
+    if (this.staged[tag]) return src.copy(this.view(tag), at);
+    if (!this.memoryAccess) return -libc.EOPNOTSUPP;
+    return this.userCopy(tag, src, at, true);
+  }
+
+  copyFromRequest(tag: number, dst: Buffer, at: number): number {
+    if (this.staged[tag]) return this.view(tag).copy(dst, 0, at, at + dst.length);
+    if (!this.memoryAccess) return -libc.EOPNOTSUPP;
+    return this.userCopy(tag, dst, at, false);
+  }
+
+  zeroRequest(tag: number, at: number, len: number): number {
+    if (this.staged[tag]) {
+      this.view(tag).fill(0, at, at + len);
+      return len;
+    }
+    zeroPage ??= Mapping.anonymous(ZERO_BYTES).bytes();
+    for (let done = 0; done < len;) {
+      const n = Math.min(ZERO_BYTES, len - done);
+      const r = this.copyToRequest(tag, zeroPage.subarray(0, n), at + done);
+      if (r < 0) return r;
+      done += n;
+    }
+    return len;
+  }
+
+  /**
+   * A READ whose data sits in the tag buffer of a copy-free mode must reach the kernel before
+   * the commit that completes it (so that commit can never be linked behind the target's SQE).
+   */
+  copiesOut(tag: number): boolean {
+    return this.home !== DataHome.TagBuffer && this.staged[tag] === 1 && this.op[tag] === UBLK_IO_OP_READ;
+  }
+
+  /** Before tag's commit with result `res`: sends a staged READ's `res` bytes; returns `res` or -errno. */
+  finish(tag: number, res: number): number {
+    if (res <= 0 || !this.copiesOut(tag)) return res;
+    return this.userCopy(tag, this.view(tag).subarray(0, res), 0, true);
+  }
+
+  /**
+   * pwrite (`out`) or pread of `buf` at byte `at` of tag's request, on the char device at the
+   * tag's user-copy position; whole, across short transfers. Returns buf.length or -errno (with
+   * a report).
+   */
+  private userCopy(tag: number, buf: Buffer, at: number, out: boolean): number {
+    const pos = userCopyOffset(this.o.qid, tag) + at;
+    const fd = this.o.charFd;
+    let done = 0;
+    while (done < buf.length) {
+      let n: number;
+      try {
+        const part = done === 0 ? buf : buf.subarray(done);
+        n = out ? sys.pwriteFrom(fd, part, pos + done) : sys.preadInto(fd, part, pos + done);
+      } catch (e) {
+        if (!(e instanceof SysError)) throw e;
+        if (e.errno === libc.EINTR) continue;
+        this.o.report(`ublk queue ${this.o.qid}: user copy of ${buf.length} bytes at ${at} of tag ${tag}'s ${opName(this.op[tag]!)} failed: ${e.message}`);
+        return -e.errno;
+      }
+      if (n === 0) {
+        this.o.report(`ublk queue ${this.o.qid}: user copy of tag ${tag}'s ${opName(this.op[tag]!)} stopped at ${at + done} bytes`);
+        return -libc.EIO;
+      }
+      done += n;
+    }
+    return buf.length;
+  }
+}
+
+function opName(op: number): string {
+  return op === UBLK_IO_OP_READ ? 'READ' : op === UBLK_IO_OP_WRITE ? 'WRITE' : `op ${op}`;
+}
+
+function noMemoryAccess(): Error {
+  return new Error('this data path leaves request data in the kernel, reachable only by fixed-buffer SQEs: move it with ctx.prepReadInto/prepWriteFrom, or run the device in another mode');
+}
