@@ -294,8 +294,10 @@ const modeNamed = (name: string): DataPathMode => DATA_PATH_MODES.find((m) => m.
 function requireDataPath(ctrl: UblkControl, flags: number, fallback: boolean): void {
   const mode = dataPathOf(flags);
   const opt = fallback ? '--auto_zc_fallback' : mode.option;
+  // The mode's own flag first, so a kernel without it is told the mode's kernel.
+  if (mode.flag) ctrl.requireFeature(mode.flag, opt);
   for (const m of DATA_PATH_MODES) {
-    if (m.flag && flags & m.flag) ctrl.requireFeature(m.flag, m.flag === mode.flag || fallback ? opt : `${opt} (${m.name})`);
+    if (m.flag && m.flag !== mode.flag && flags & m.flag) ctrl.requireFeature(m.flag, fallback ? opt : `${opt} (${m.name})`);
   }
   const zc = modeNamed('zero_copy');
   if (flags & zc.flag && !releaseAtLeast(release(), zc.release!)) {
