@@ -14,12 +14,14 @@
  * on ext4 on a RAM disk), and our mem target with brd, at 1 queue and QD 1, 32 and 128.
  *
  *   npm run bench:ublk -- [--suite all|null|loop|cost|modes] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
+ *   modes suite: [--mode copy,user_copy,zero_copy,auto_zc] [--targets null,mem,loop-tmpfs,loop-ext4] [--qds 1,32,128] [--queues 1,2] [--threads 1,2]
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { writeFileSync, existsSync, readdirSync, readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { DATA_PATH_MODES } from '../src/ublk/modes.js';
+import { release } from 'node:os';
+import { DATA_PATH_MODES, modeAvailable } from '../src/ublk/modes.js';
 import { UblkControl } from '../src/ublk/control.js';
 import { dirname, join } from 'node:path';
 
@@ -254,52 +256,64 @@ async function loopSuite(): Promise<Record<string, number>> {
 /**
  * `--suite modes`: every data path (src/ublk/modes.ts) the kernel grants, against copy mode and
  * against the kernel's own driver, in one boot: null vs null_blk, mem vs brd, loop vs the kernel
- * loop (--direct-io=on) over one file on tmpfs and one on ext4 on brd. 1 queue, 1 fio job,
- * randread and randwrite at QD 1 and 32 (`--qds 1,32,128` for more), points interleaved,
- * medians of --rounds (default 3). `--modes copy,get_data,user_copy` picks the modes.
+ * loop (--direct-io=on) over one file on tmpfs and one on ext4 on brd. randread and randwrite at
+ * QD 1 and 32 (`--qds 1,32,128` for more), 1 queue and 1 fio job (`--queues 1,2`: devices of that
+ * many queues, as many fio jobs; `--threads 1,2`: that many threads per queue, per-I/O
+ * daemons), points interleaved, medians of --rounds (default 3).
+ * `--mode copy,zero_copy` (or `--modes`) picks the modes; `--targets null,mem` the targets.
  */
 async function modesSuite(): Promise<Record<string, number>> {
   const size = 256;
   const rounds = Number(opt('--rounds', '3'));
   const qds = opt('--qds', '1,32').split(',').map(Number);
-  const wanted = opt('--modes', DATA_PATH_MODES.map((m) => m.name).join(',')).split(',');
+  const queueCounts = opt('--queues', '1').split(',').map(Number);
+  const threadCounts = opt('--threads', '1').split(',').map(Number);
+  // Every (queues, threads per queue) layout measured: "Q" or "Qx T" in keys and tables.
+  const layouts = queueCounts.flatMap((q) => threadCounts.map((th) => ({ q, th, key: th > 1 ? `${q}x${th}` : `${q}` })));
+  const wanted = opt('--mode', opt('--modes', DATA_PATH_MODES.map((m) => m.name).join(','))).split(',');
   const ctrl = new UblkControl();
   const features = ctrl.features();
   ctrl.close();
-  const modes = DATA_PATH_MODES.filter((m) => wanted.includes(m.name) && (m.flag === 0 || (features & m.flag)));
+  const modes = DATA_PATH_MODES.filter((m) => wanted.includes(m.name) && modeAvailable(m, features, release()));
   const skipped = wanted.filter((w) => !modes.some((m) => m.name === w));
   if (skipped.length) process.stderr.write(`bench: this kernel lacks ${skipped.join(', ')}: not measured\n`);
+  if (!modes.some((m) => m.name === 'copy')) throw new Error('bench: --mode must include copy (the reference every other mode is divided by)');
   const { tmpfsFile, mnt, ext4File } = benchFiles(size);
-  loadNullBlk(1);
+  loadNullBlk(Math.max(...queueCounts));
   const kloops = [tmpfsFile, ext4File].map((f) => sh('losetup', ['--find', '--show', '--direct-io=on', f]).trim().slice(5));
   const kernel: Record<string, string> = { null: 'nullb0', mem: 'ram0', 'loop-tmpfs': kloops[0]!, 'loop-ext4': kloops[1]! };
-  const targets = ['null', 'mem', 'loop-tmpfs', 'loop-ext4'];
+  const targets = opt('--targets', 'null,mem,loop-tmpfs,loop-ext4').split(',');
   const targetArgs: Record<string, string[]> = {
     null: ['-t', 'null'], mem: ['-t', 'mem', '-s', `${size}M`], 'loop-tmpfs': ['-t', 'loop', '-f', tmpfsFile], 'loop-ext4': ['-t', 'loop', '-f', ext4File],
   };
-  const dev = new Map<string, string>(); // "target mode" -> ublkbN
+  const dev = new Map<string, string>(); // "target queues mode" -> ublkbN
   const ids: number[] = [];
   for (const target of targets) {
-    for (const m of modes) {
-      const id = ublkAdd([...targetArgs[target]!, ...(m.option ? [m.option] : [])]);
-      ids.push(id);
-      dev.set(`${target} ${m.name}`, `ublkb${id}`);
+    for (const { q, th, key } of layouts) {
+      for (const m of modes) {
+        const threads = th > 1 ? ['--nthreads', String(q * th), '--per_io_tasks'] : [];
+        const id = ublkAdd([...targetArgs[target]!, '-q', String(q), ...threads, ...(m.option ? [m.option] : [])]);
+        ids.push(id);
+        dev.set(`${target} ${key} ${m.name}`, `ublkb${id}`);
+      }
     }
   }
   for (const d of [...dev.values(), ...Object.values(kernel)]) setNone(d);
-  for (const m of modes) sh('dd', [`if=${tmpfsFile}`, `of=/dev/${dev.get(`mem ${m.name}`)}`, 'bs=1M', 'oflag=direct', 'status=none']);
+  for (const [key, d] of dev) if (key.startsWith('mem ')) sh('dd', [`if=${tmpfsFile}`, `of=/dev/${d}`, 'bs=1M', 'oflag=direct', 'status=none']);
   sh('dd', [`if=${tmpfsFile}`, 'of=/dev/ram0', 'bs=1M', 'oflag=direct', 'status=none']);
 
   const { put, median: m } = sampleSet();
   for (let round = 1; round <= rounds; round++) {
     for (const target of targets) {
-      for (const rw of ['randread', 'randwrite']) {
-        for (const qd of qds) {
-          const sides: Array<[string, string]> = [...modes.map((m) => [m.name, dev.get(`${target} ${m.name}`)!] as [string, string]), ['kernel', kernel[target]!]];
-          for (const [side, d] of sides) {
-            const iops = runFio(d, rw, qd, 1);
-            put(`${target} ${rw} ${qd} ${side}`, iops);
-            process.stderr.write(`bench: round ${round}/${rounds} ${target} ${rw} QD${qd} ${side}: ${Math.round(iops)} IOPS\n`);
+      for (const { q, key } of layouts) {
+        for (const rw of ['randread', 'randwrite']) {
+          for (const qd of qds) {
+            const sides: Array<[string, string]> = [...modes.map((x) => [x.name, dev.get(`${target} ${key} ${x.name}`)!] as [string, string]), ['kernel', kernel[target]!]];
+            for (const [side, d] of sides) {
+              const iops = runFio(d, rw, qd, q);
+              put(`${target} ${key} ${rw} ${qd} ${side}`, iops);
+              process.stderr.write(`bench: round ${round}/${rounds} ${target} ${key}q ${rw} QD${qd} ${side}: ${Math.round(iops)} IOPS\n`);
+            }
           }
         }
       }
@@ -313,20 +327,23 @@ async function modesSuite(): Promise<Record<string, number>> {
   spawnSync('rm', ['-f', tmpfsFile]);
 
   const label: Record<string, string> = { null: 'null vs null_blk', mem: 'mem vs brd', 'loop-tmpfs': 'loop vs loop, tmpfs', 'loop-ext4': 'loop vs loop, ext4 on brd' };
-  console.log(`\nData paths, ${header()}, 1 queue, 1 job, median of ${rounds} interleaved rounds\n`);
+  console.log(`\nData paths, ${header()}, queues = fio jobs ("2x2": 2 queues of 2 threads each), median of ${rounds} interleaved rounds\n`);
   const others = modes.filter((x) => x.name !== 'copy');
-  console.log(`| pair | workload | QD | kernel IOPS | copy IOPS | copy / kernel |${others.map((x) => ` ${x.name} IOPS | / copy | / kernel |`).join('')}`);
-  console.log(`|---|---|---|---|---|---|${others.map(() => '---|---|---|').join('')}`);
+  console.log(`| pair | queues | workload | QD | kernel IOPS | copy IOPS | copy / kernel |${others.map((x) => ` ${x.name} IOPS | / copy | / kernel |`).join('')}`);
+  console.log(`|---|---|---|---|---|---|---|${others.map(() => '---|---|---|').join('')}`);
   const o: Record<string, number> = {};
   for (const target of targets) {
-    for (const rw of ['randread', 'randwrite']) {
-      for (const qd of qds) {
-        const v = (side: string) => m(`${target} ${rw} ${qd} ${side}`);
-        const cols = others.map((x) => ` ${k(v(x.name))} | ${(v(x.name) / v('copy')).toFixed(2)}x | **${(v(x.name) / v('kernel')).toFixed(2)}x** |`).join('');
-        console.log(`| ${label[target]} | ${rw} | ${qd} | ${k(v('kernel'))} | ${k(v('copy'))} | **${(v('copy') / v('kernel')).toFixed(2)}x** |${cols}`);
-        for (const x of modes) {
-          o[`${target}_${x.name}_${rw}_qd${qd}_vs_kernel`] = Number((v(x.name) / v('kernel')).toFixed(3));
-          if (x.name !== 'copy') o[`${target}_${x.name}_${rw}_qd${qd}_vs_copy`] = Number((v(x.name) / v('copy')).toFixed(3));
+    for (const { key: lk } of layouts) {
+      for (const rw of ['randread', 'randwrite']) {
+        for (const qd of qds) {
+          const v = (side: string) => m(`${target} ${lk} ${rw} ${qd} ${side}`);
+          const cols = others.map((x) => ` ${k(v(x.name))} | ${(v(x.name) / v('copy')).toFixed(2)}x | **${(v(x.name) / v('kernel')).toFixed(2)}x** |`).join('');
+          console.log(`| ${label[target]} | ${lk} | ${rw} | ${qd} | ${k(v('kernel'))} | ${k(v('copy'))} | **${(v('copy') / v('kernel')).toFixed(2)}x** |${cols}`);
+          const key = `${target}${lk !== '1' ? `_${lk}q` : ''}`;
+          for (const x of modes) {
+            o[`${key}_${x.name}_${rw}_qd${qd}_vs_kernel`] = Number((v(x.name) / v('kernel')).toFixed(3));
+            if (x.name !== 'copy') o[`${key}_${x.name}_${rw}_qd${qd}_vs_copy`] = Number((v(x.name) / v('copy')).toFixed(3));
+          }
         }
       }
     }
