@@ -77,11 +77,10 @@ const KIND_BUFREG = 6; // a REGISTER_IO_BUF/UNREGISTER_IO_BUF for tag = lo (a CQ
 
 /** Size of the ring's registered file table: slot 0 is /dev/ublkcN, the rest are the target's. */
 const FILE_SLOTS = 16;
-/** sqe->addr, in 32-bit words from the SQE's start. */
-const SQE_ADDR_WORD = uringAbi.io_uring_sqe.addr / 4;
-
 /** The char device's slot in that table. */
 const CHAR_DEV_SLOT = 0;
+/** sqe->addr, in 32-bit words from the SQE's start. */
+const SQE_ADDR_WORD = uringAbi.io_uring_sqe.addr / 4;
 
 /** How many problems of one kind a queue reports before it only counts them. */
 const LOG_LIMIT = 10;
