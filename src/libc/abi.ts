@@ -102,6 +102,7 @@ export const EPERM = 1;
 export const ENOENT = 2;
 export const EINTR = 4;
 export const EIO = 5;
+export const E2BIG = 7;
 export const EBADF = 9;
 export const EAGAIN = 11;
 export const ENOMEM = 12;
@@ -117,6 +118,7 @@ export const EPIPE = 32;
 export const ENOSYS = 38;
 export const ETIME = 62;
 export const EOPNOTSUPP = 95;
+export const ENOBUFS = 105;
 export const ECANCELED = 125;
 
 /**

@@ -151,6 +151,8 @@ export const IORING_OP_NAMES: readonly string[] = [
 
 // sqe->uring_cmd_flags
 export const IORING_URING_CMD_FIXED = 1 << 0; // 6.1
+/** A uring_cmd that posts many CQEs, each with data in a provided buffer (needs IOSQE_BUFFER_SELECT; 6.18). */
+export const IORING_URING_CMD_MULTISHOT = 1 << 1;
 // sqe->fsync_flags
 export const IORING_FSYNC_DATASYNC = 1 << 0;
 // sqe->timeout_flags
@@ -189,6 +191,8 @@ export const IORING_CQE_F_BUFFER = 1 << 0;
 export const IORING_CQE_F_MORE = 1 << 1;
 export const IORING_CQE_F_SOCK_NONEMPTY = 1 << 2;
 export const IORING_CQE_F_NOTIF = 1 << 3;
+/** An incrementally consumed provided buffer (IOU_PBUF_RING_INC) has room left and stays in use (6.12). */
+export const IORING_CQE_F_BUF_MORE = 1 << 4;
 export const IORING_CQE_BUFFER_SHIFT = 16;
 
 // mmap offsets of the ring fd
@@ -296,11 +300,52 @@ export const IORING_UNREGISTER_IOWQ_AFF = 18;
 export const IORING_REGISTER_IOWQ_MAX_WORKERS = 19;
 export const IORING_REGISTER_RING_FDS = 20; // 5.18
 export const IORING_UNREGISTER_RING_FDS = 21; // 5.18
-export const IORING_REGISTER_PBUF_RING = 22;
-export const IORING_UNREGISTER_PBUF_RING = 23;
+export const IORING_REGISTER_PBUF_RING = 22; // 5.19
+export const IORING_UNREGISTER_PBUF_RING = 23; // 5.19
 export const IORING_REGISTER_SYNC_CANCEL = 24;
 export const IORING_REGISTER_FILE_ALLOC_RANGE = 25;
 export const IORING_REGISTER_USE_REGISTERED_RING = 0x80000000; // 6.3
+
+// ---------------------------------------------------------------------------------------------
+// Provided buffer rings (IORING_REGISTER_PBUF_RING, 5.19): the application lends the kernel a
+// ring of buffers, and an SQE with IOSQE_BUFFER_SELECT takes one from group sqe->buf_group.
+// ---------------------------------------------------------------------------------------------
+
+/** struct io_uring_buf_reg: the argument of IORING_REGISTER_PBUF_RING / UNREGISTER_PBUF_RING. */
+export const io_uring_buf_reg = {
+  SIZE: 40,
+  ring_addr: 0, // __u64 page-aligned ring memory (ours, unless IOU_PBUF_RING_MMAP)
+  ring_entries: 8, // __u32 a power of two
+  bgid: 12, // __u16 buffer group id
+  flags: 14, // __u16 IOU_PBUF_RING_*
+  // Then reserved words, zero: __u64 resv[3] in older headers, __u32 min_left (an
+  // IOU_PBUF_RING_INC tuning this project does not use) and __u32 resv[5] in 7.2's.
+} as const;
+
+/** The kernel allocates the ring; the application mmaps it (6.4). */
+export const IOU_PBUF_RING_MMAP = 1;
+/**
+ * Incremental consumption (6.12): a buffer is used a piece at a time, each completion taking
+ * only the bytes it filled; the entry's addr and len move past them, and the CQE says
+ * IORING_CQE_F_BUF_MORE while room is left.
+ */
+export const IOU_PBUF_RING_INC = 2;
+
+/** struct io_uring_buf: one ring entry. */
+export const io_uring_buf = {
+  SIZE: 16,
+  addr: 0, // __u64
+  len: 8, // __u32
+  bid: 12, // __u16 the id CQEs report (cqe->flags >> IORING_CQE_BUFFER_SHIFT)
+  resv: 14, // __u16
+} as const;
+
+/** struct io_uring_buf_ring: the entries, with the tail the application publishes overlaying entry 0's resv. */
+export const io_uring_buf_ring = {
+  SIZE: 16,
+  bufs: 0,
+  tail: 14, // __u16
+} as const;
 
 export const io_uring_files_update = { SIZE: 16, offset: 0, resv: 4, fds: 8 } as const;
 

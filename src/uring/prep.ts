@@ -22,7 +22,7 @@ import {
   IORING_OP_READ_FIXED, IORING_OP_WRITE_FIXED, IORING_OP_FSYNC, IORING_OP_FALLOCATE,
   IORING_OP_POLL_ADD, IORING_OP_POLL_REMOVE, IORING_OP_TIMEOUT, IORING_OP_TIMEOUT_REMOVE,
   IORING_OP_LINK_TIMEOUT, IORING_OP_ASYNC_CANCEL, IORING_OP_URING_CMD, IORING_OP_SEND,
-  IORING_OP_RECV, IORING_OP_OPENAT, IORING_OP_CLOSE, IORING_FSYNC_DATASYNC, IOSQE_FIXED_FILE, IORING_ASYNC_CANCEL_FD,
+  IORING_OP_RECV, IORING_OP_OPENAT, IORING_OP_CLOSE, IORING_FSYNC_DATASYNC, IOSQE_FIXED_FILE, IOSQE_BUFFER_SELECT, IORING_ASYNC_CANCEL_FD,
 } from './abi.js';
 
 /**
@@ -164,6 +164,16 @@ export function prepReadFixed(s: Uint32Array, w: number, fd: number, addr: numbe
 export function prepWriteFixed(s: Uint32Array, w: number, fd: number, addr: number, len: number, off: number, bufIndex: number): void {
   prepRw(s, w, IORING_OP_WRITE_FIXED, fd, addr, len, off);
   s[w + 10] = bufIndex & 0xffff;
+}
+
+/**
+ * Lets the kernel pick this SQE's buffer from provided-buffer group `group` (buf-ring.ts) when
+ * data arrives: IOSQE_BUFFER_SELECT and sqe->buf_group, as liburing's callers set them by hand.
+ * The CQE then carries IORING_CQE_F_BUFFER and the buffer id in its upper 16 flag bits.
+ */
+export function setBufferSelect(s: Uint32Array, w: number, group: number): void {
+  addFlags(s, w, IOSQE_BUFFER_SELECT);
+  s[w + 10] = ((s[w + 10]! & 0xffff0000) | (group & 0xffff)) >>> 0;
 }
 
 /** `io_uring_prep_fsync`; `datasync` sets IORING_FSYNC_DATASYNC (fdatasync semantics). */
