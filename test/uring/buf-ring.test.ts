@@ -11,7 +11,7 @@ import { runAll, tempDir } from '../helpers/uring.js';
 
 const TEXT = 'firstsecondthird';
 
-function textFile(t: Tap.Test): number {
+function textFile(t: { teardown(fn: () => void): void }): number {
   const path = join(tempDir(t), 'text');
   writeFileSync(path, TEXT);
   const fd = openSync(path, 'r');
