@@ -49,8 +49,10 @@ const usageErrors: Array<[string[], RegExp]> = [
   [['add', '-t', 'null', '-q', '1', '--queues=2'], /add: -q and --queues are the same option, given twice/],
   [['add', '-t', 'null', '-s', '1G', '--size', '2G'], /null: -s and --size are the same option/],
   [['add', '-t', 'null', '--foreground=yes'], /--foreground takes no value/],
-  // kublk's spellings: ours moved to long options, theirs are refused by name until supported.
-  [['add', '-t', 'null', '-b', '1M'], /batch I\/O .* not supported by this server yet; the largest request size is --max-io-bytes/],
+  // kublk's -b is batch I/O, a flag: a size after it is the target's argument, not ours.
+  [['add', '-t', 'null', '-b', '1M'], /null: unexpected argument '1M'/],
+  [['add', '-t', 'null', '-b', '-g'], /-g \(get_data\) and -b \(batch I\/O\) exclude each other/],
+  [['add', '-t', 'null', '-b', '--nthreads', '2', '--per_io_tasks'], /--nthreads 2 with -b: batch I\/O serves each queue from one thread/],
   // kublk's recovery options take 0 or 1; REISSUE and FAIL_IO exclude each other.
   [['add', '-t', 'null', '-r'], /add: -r takes a value/],
   [['add', '-t', 'null', '-r', '2'], /-r must be from 0 to 1, got 2/],

@@ -14,7 +14,7 @@ import { closeSync, existsSync, rmSync, statSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { UblkControl, UblkError } from '../ublk/control.js';
 import {
-  UBLK_F_NEED_GET_DATA, UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_PER_IO_DAEMON, UBLK_F_QUIESCE, UBLK_F_USER_COPY, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES,
+  UBLK_F_BATCH_IO, UBLK_F_NEED_GET_DATA, UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_PER_IO_DAEMON, UBLK_F_QUIESCE, UBLK_F_USER_COPY, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES,
 } from '../ublk/abi.js';
 import { DATA_PATH_MODES, dataPathOf, dataPathProblem, releaseAtLeast, type DataPathMode } from '../ublk/modes.js';
 import { isPowerOfTwo, MAX_IO_BYTES, MIN_IO_BYTES, specProblem } from '../ublk/params.js';
@@ -40,7 +40,9 @@ export const ADD_OPTIONS: readonly OptionSpec[] = [
   { key: 'spinUs', names: ['--spin-us'], kind: 'count', min: 0, max: 1_000_000 },
   // Ours: declare the device under NAME (`ublk up NAME` makes it again), linked by that name.
   { key: 'save', names: ['--save'], kind: 'string' },
-  { key: 'b', names: ['-b'], kind: 'flag', refuse: `${NOT_YET('batch I/O (kublk\'s -b, UBLK_F_BATCH_IO)')}; the largest request size is --max-io-bytes` },
+  // UBLK_F_BATCH_IO (7.0): requests come and go many per command (src/ublk/batch.ts). kublk's -b;
+  // the largest request size, which some tools spell -b, is --max-io-bytes here.
+  { key: 'batch', names: ['-b', '--batch_io'], kind: 'flag' },
   // kublk's spellings, each taking 0 or 1: -r 1 user recovery (I/O waits while no server runs),
   // -i 1 also REISSUE (requests the dead server held are sent to the next one), -e 1 FAIL_IO
   // instead (I/O fails at once while no server runs).
@@ -86,7 +88,8 @@ export async function add(argv: string[]): Promise<number> {
     flags: recoveryFlags(values) | (values.noPartScan ? UBLK_F_NO_AUTO_PART_SCAN : 0) | (values.unprivileged ? UBLK_F_UNPRIVILEGED_DEV : 0)
       | (values.getData ? UBLK_F_NEED_GET_DATA : 0) | (values.userCopy ? UBLK_F_USER_COPY : 0)
       | (values.zeroCopy ? modeNamed('zero_copy').flags : 0) | (values.autoZc ? modeNamed('auto_zc').flags : 0)
-      | (values.autoZcFallback ? modeNamed('auto_zc').flags | modeNamed('zero_copy').flags : 0),
+      | (values.autoZcFallback ? modeNamed('auto_zc').flags | modeNamed('zero_copy').flags : 0)
+      | (values.batch ? UBLK_F_BATCH_IO : 0),
     autoZcFallback: values.autoZcFallback === true ? true : undefined,
     threadsPerQueue: threadsPerQueue(values),
     name: values.save === undefined ? undefined : checkName(values.save as string),
@@ -118,6 +121,8 @@ export async function add(argv: string[]): Promise<number> {
       if (other) throw new UblkError(`the name ${cfg.name} is device ${other.devId}'s (\`ublk down ${cfg.name}\` removes it)`);
     }
     if (cfg.flags & UBLK_F_NO_AUTO_PART_SCAN) ctrl.requireFeature(UBLK_F_NO_AUTO_PART_SCAN, '--no_auto_part_scan');
+    // -b first: with it, a kernel before 7.0 is told 7.0, whatever data path goes with it.
+    if (cfg.flags & UBLK_F_BATCH_IO) ctrl.requireFeature(UBLK_F_BATCH_IO, '-b (batch I/O)');
     requireDataPath(ctrl, cfg.flags, values.autoZcFallback === true);
     if ((cfg.threadsPerQueue ?? 1) > 1) ctrl.requireFeature(UBLK_F_PER_IO_DAEMON, `--nthreads ${String(values.nthreads)} --per_io_tasks`);
     if (cfg.flags & UBLK_F_USER_RECOVERY) {
@@ -316,6 +321,7 @@ function threadsPerQueue(values: Record<string, unknown>): number | undefined {
   const n = values.nthreads as number | undefined;
   if (n === undefined || n === q) return undefined;
   if (!values.perIoTasks) throw new UsageError(`--nthreads ${n} differs from the ${q} queue(s): add --per_io_tasks to spread each queue's tags over threads`);
+  if (values.batch) throw new UsageError(`--nthreads ${n} with -b: batch I/O serves each queue from one thread here (kublk's batch threads that share a queue are not supported)`);
   if (n % q !== 0) throw new UsageError(`--nthreads ${n} must be a multiple of the ${q} queue(s): each queue's tags are split evenly among N / Q threads`);
   const depth = (values.depth as number | undefined) ?? 128;
   if (n / q > depth) throw new UsageError(`--nthreads ${n}: ${n / q} threads per queue, but a queue has only ${depth} tags (-d)`);

@@ -24,6 +24,10 @@
  *     the request arrives and dropping it at the commit: no register/unregister commands.
  * How the queue serves each: request-data.ts. Modes still to come are refused by name in the CLI
  * (src/cli/add.ts).
+ *
+ * Batch I/O (UBLK_F_BATCH_IO, 7.0, kublk's -b) is not one of these: it changes how requests
+ * reach the server and go back (many tags per command, batch.ts), not where their data is, and
+ * goes with every data path but get_data (the kernel clears NEED_GET_DATA next to it).
  */
 import { UBLK_F_NEED_GET_DATA, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_SUPPORT_ZERO_COPY, UBLK_F_AUTO_BUF_REG, UBLK_F_BATCH_IO, UBLK_F_SHMEM_ZC } from './abi.js';
 import { DataHome } from './request-data.js';
@@ -86,6 +90,9 @@ export function dataPathProblem(flags: number): string | undefined {
   if ((flags & UBLK_F_NEED_GET_DATA) && (flags & COPY_FREE)) {
     return `-g (get_data) and ${m.option} (${m.name}) exclude each other: get_data is a way of copying, and ${m.name} copies nothing`;
   }
+  if ((flags & UBLK_F_NEED_GET_DATA) && (flags & UBLK_F_BATCH_IO)) {
+    return '-g (get_data) and -b (batch I/O) exclude each other: batch I/O commits carry no NEED_GET_DATA step, and the kernel drops -g next to -b';
+  }
   if ((flags & COPY_FREE) && (flags & UBLK_F_UNPRIVILEGED_DEV)) {
     return `${m.option} (${m.name}) cannot be used with --unprivileged: the kernel allows the copy-free modes only on devices root adds`;
   }
@@ -93,7 +100,7 @@ export function dataPathProblem(flags: number): string | undefined {
 }
 
 /** Flags that choose where data goes. */
-const MODE_FLAGS = UBLK_F_NEED_GET_DATA | COPY_FREE | UBLK_F_BATCH_IO | UBLK_F_SHMEM_ZC;
+const MODE_FLAGS = UBLK_F_NEED_GET_DATA | COPY_FREE | UBLK_F_SHMEM_ZC;
 
 const byFlag = (flag: number) => DATA_PATH_MODES.find((x) => x.flag === flag)!;
 
@@ -104,7 +111,7 @@ const byFlag = (flag: number) => DATA_PATH_MODES.find((x) => x.flag === flag)!;
  */
 export function dataPathOf(flags: number): DataPathMode {
   const chosen = flags & MODE_FLAGS;
-  if (chosen & (UBLK_F_BATCH_IO | UBLK_F_SHMEM_ZC)) {
+  if (chosen & UBLK_F_SHMEM_ZC) {
     return {
       name: `flags 0x${chosen.toString(16)}`, flag: chosen, flags: chosen, option: '', home: DataHome.TagBuffer,
       describe: 'a data path this server does not serve',
@@ -121,6 +128,8 @@ export interface QueueDataPath {
   dataHome: DataHome;
   bufferRegistration?: 'manual' | 'auto' | 'auto-fallback';
   memoryCopy?: boolean;
+  /** Batch I/O (UBLK_F_BATCH_IO): requests come and go in groups (batch.ts). */
+  batch?: boolean;
 }
 
 /**
@@ -131,9 +140,11 @@ export interface QueueDataPath {
  */
 export function queueDataPath(flags: number, autoFallback = false): QueueDataPath {
   const m = dataPathOf(flags);
-  if (m.home !== DataHome.FixedBuffer) return { dataHome: m.home };
+  const batch = (flags & UBLK_F_BATCH_IO) !== 0 ? { batch: true } : {};
+  if (m.home !== DataHome.FixedBuffer) return { dataHome: m.home, ...batch };
   const auto = m.flag === UBLK_F_AUTO_BUF_REG;
   return {
+    ...batch,
     dataHome: m.home,
     bufferRegistration: !auto ? 'manual' : autoFallback && (flags & UBLK_F_SUPPORT_ZERO_COPY) ? 'auto-fallback' : 'auto',
     memoryCopy: (flags & UBLK_F_USER_COPY) !== 0,

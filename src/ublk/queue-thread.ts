@@ -44,6 +44,7 @@ try {
     dataHome: data.dataHome,
     bufferRegistration: data.bufferRegistration,
     memoryCopy: data.memoryCopy,
+    batch: data.batch,
     forceRegFallback: data.forceRegFallback,
     tagStride: data.tagStride,
     tagOffset: data.tagOffset,

@@ -46,8 +46,11 @@
  *     completes and dropped by the commit: the commands carry struct ublk_auto_buf_reg
  *     {index = tag} in sqe->addr. With UBLK_AUTO_BUF_REG_FALLBACK a registration the kernel
  *     could not make arrives as UBLK_IO_F_NEED_REG_BUF, and the queue registers it as in zero copy.
- * Still to come, at the marked places:
- *   - BATCH_IO (7.0): PREP/COMMIT/FETCH_IO_CMDS move many tags per command ([FETCH], [COMMIT]).
+ *
+ * Batch I/O (UBLK_F_BATCH_IO, 7.0) changes how requests arrive and leave, not where data lives
+ * (batch.ts): one PREP_IO_CMDS replaces the per-tag FETCHes ([FETCH]), a multishot FETCH_IO_CMDS
+ * delivers tags in groups, and the answers gathered between two io_uring_enter calls go in one
+ * COMMIT_IO_CMDS ([COMMIT]). It combines with every data path above but NEED_GET_DATA.
  */
 import {
   IoUring, addFlags, prepCancel2, setU64, prepNop, prepPollMultishot, registerBuffersSparse, registerFiles, setUserData2, updateFiles,
@@ -60,6 +63,7 @@ import {
   UBLK_IO_OP_WRITE, UBLK_IO_OP_NAMES, UBLK_IO_F_NEED_REG_BUF, UBLK_AUTO_BUF_REG_FALLBACK, descOffset, descLength,
 } from './abi.js';
 import { DataHome, RequestData } from './request-data.js';
+import { BATCH_FETCHES, BatchCommands, batchLayout } from './batch.js';
 import { prepIoCmd, readIoDesc, SECTOR_SIZE, type IoDesc } from './wire.js';
 import type { IoRequest, QueueContext, QueueHandler } from './target.js';
 
@@ -74,6 +78,9 @@ const KIND_WAKE = 3; // the wake eventfd's multishot poll
 const KIND_CANCEL = 4; // an ASYNC_CANCEL issued by close()
 const KIND_IGNORE = 5; // an SQE we turned into a NOP (prepared by a handler that then threw)
 const KIND_BUFREG = 6; // a REGISTER_IO_BUF/UNREGISTER_IO_BUF for tag = lo (a CQE only if it failed)
+const KIND_BATCH_PREP = 7; // batch I/O: the queue's PREP_IO_CMDS
+const KIND_BATCH_COMMIT = 8; // batch I/O: a COMMIT_IO_CMDS from commit buffer lo
+const KIND_BATCH_FETCH = 9; // batch I/O: the multishot FETCH_IO_CMDS of provided-buffer group lo
 
 /** Size of the ring's registered file table: slot 0 is /dev/ublkcN, the rest are the target's. */
 const FILE_SLOTS = 16;
@@ -133,6 +140,11 @@ export interface UblkQueueOptions {
    */
   tagStride?: number;
   tagOffset?: number;
+  /**
+   * Batch I/O (UBLK_F_BATCH_IO, 7.0; batch.ts): PREP/FETCH/COMMIT_IO_CMDS instead of per-tag
+   * commands. The queue's tags are then served by one thread (no tagStride).
+   */
+  batch?: boolean;
   /** Called when every tag has its FETCH outstanding (the owner may then START_DEV). */
   onFetched?: () => void;
   /** Called after each wake-up; returns true to stop the queue (it may call failHeld() first). */
@@ -254,6 +266,10 @@ export class UblkQueue implements QueueContext {
   private readonly autoRegFlags: number;
   /** The queue registers request pages itself (zero copy, or the auto_zc fallback). */
   private readonly manualRegistration: boolean;
+  /** Batch I/O's commands and buffers, or undefined for the per-tag protocol. */
+  private readonly batch: BatchCommands | undefined;
+  /** Batch I/O: PREP_IO_CMDS's result once its CQE arrived. */
+  private prepResult: number | undefined;
   private readonly log: (line: string) => void;
 
   // Per tag.
@@ -350,7 +366,10 @@ export class UblkQueue implements QueueContext {
       // [BUFFER] one buffer per tag, backed as it is touched (NORESERVE: a deep queue of large
       // requests reserves address space, not memory). Copy modes hand it to the kernel; the
       // copy-free modes stage data in it only for targets that ask (request-data.ts).
-      this.bufs = Mapping.anonymous(n * opts.maxIoBytes, { noReserve: true });
+      // Batch I/O's element and tag buffers go at its end (batch.ts says why they share its fate).
+      const batchBytes = opts.batch ? batchLayout(n, home === DataHome.TagBuffer).total : 0;
+      if (opts.batch && stride !== 1) throw new Error(`queue ${opts.qid}: batch I/O serves a queue from one thread (no tagStride)`);
+      this.bufs = Mapping.anonymous(n * opts.maxIoBytes + batchBytes, { noReserve: true });
       cleanup.push(() => this.bufs.unmap());
       this.data = new RequestData({
         home, charFd: opts.charFd, qid: opts.qid, depth: n, bufs: this.bufs, maxIoBytes: opts.maxIoBytes,
@@ -367,6 +386,15 @@ export class UblkQueue implements QueueContext {
       // [BUFFER] zero copy: an empty fixed-buffer table with a slot per tag, where ublk_drv puts
       // each request's pages (io_buffer_register_bvec needs the slot to exist and be empty).
       if (home === DataHome.FixedBuffer) registerBuffersSparse(this.ring, n);
+      if (opts.batch) {
+        this.batch = new BatchCommands({
+          ring: this.ring, qid: opts.qid, depth: n, charDevSlot: CHAR_DEV_SLOT, mem: this.bufs.slice(n * opts.maxIoBytes, batchBytes),
+          bufferAddress: home === DataHome.TagBuffer ? (tag) => this.data.address(tag) : undefined,
+          autoRegIndex: this.cmdAddr === 'auto' ? (tag) => this.autoRegIndex(tag) : undefined,
+          autoRegFallback: this.autoRegFlags !== 0,
+          kinds: { prep: KIND_BATCH_PREP, commit: KIND_BATCH_COMMIT, fetch: KIND_BATCH_FETCH },
+        });
+      }
     } catch (e) {
       for (const f of cleanup.reverse()) f();
       throw e;
@@ -428,7 +456,8 @@ export class UblkQueue implements QueueContext {
   trackAndCommit(w: number, expect: number, result: number, onCqe: (res: number, flags: number) => void): void {
     const tag = this.currentTag;
     if (tag < 0) throw new Error(`queue ${this.qid}: trackAndCommit outside a request (use track)`);
-    if (w === this.lastSqe && this.inFlight[tag] === 0 && !this.failed[tag] && !this.failingAll && !this.draining
+    // Batch I/O commits many tags per command, gathered at the next enter: nothing to link.
+    if (this.batch === undefined && w === this.lastSqe && this.inFlight[tag] === 0 && !this.failed[tag] && !this.failingAll && !this.draining
       && this.ring.sqPending > 0 && this.sendsAsIs(tag, result) && !this.data.copiesOut(tag) && !this.registered[tag]) {
       // The command must be the very next SQE (a link joins consecutive SQEs), and w must still
       // be unpublished, or the kernel could already be running it without the link.
@@ -605,8 +634,15 @@ export class UblkQueue implements QueueContext {
       this.registered[tag] = 0;
       this.queueBufferCmd(UBLK_U_IO_UNREGISTER_IO_BUF, tag);
     }
-    // [COMMIT] BATCH_IO would gather these into one COMMIT_IO_CMDS.
-    this.commitInto(this.nextSqe(), tag, res);
+    if (this.batch) {
+      // [COMMIT] batch I/O: gathered, and sent in one COMMIT_IO_CMDS at the next enter (flushCommits).
+      this.serving--;
+      this.deferred[tag] = 0;
+      this.batch.add(tag, res);
+      this.served++;
+    } else {
+      this.commitInto(this.nextSqe(), tag, res);
+    }
     this.state[tag] = TagState.InKernel;
   }
 
@@ -700,6 +736,27 @@ export class UblkQueue implements QueueContext {
    * a millisecond if nothing is, and go on.
    */
   private enter(waitNr: number): void {
+    if (this.batch !== undefined && this.batch.pending > 0) this.flushCommits();
+    this.submit(waitNr);
+  }
+
+  /**
+   * Batch I/O: the answers gathered since the last enter, as one COMMIT_IO_CMDS. If the SQ is
+   * full the queued SQEs go first; if no SQE or commit buffer is free they wait for the next enter.
+   */
+  private flushCommits(): void {
+    if (!this.batch!.canFlush) return;
+    let w = this.ring.getSqe();
+    if (w < 0) {
+      this.submit(0);
+      w = this.ring.getSqe();
+      if (w < 0) return;
+    }
+    this.batch!.flush(w);
+    this.lastSqe = w;
+  }
+
+  private submit(waitNr: number): void {
     try {
       this.ring.submit(waitNr);
     } catch (e) {
@@ -834,6 +891,43 @@ export class UblkQueue implements QueueContext {
     }
   }
 
+  /**
+   * Batch I/O: a FETCH_IO_CMDS CQE. Tags go to the target in the order the kernel wrote them;
+   * a command that ended is re-armed unless the device is going away (ABORT: STOP_DEV or the
+   * disk's removal cancelled it) or the queue is closing.
+   */
+  private batchFetchCqe(g: number, res: number, flags: number): void {
+    const b = this.batch!;
+    let more: boolean;
+    if (res >= 0) {
+      more = b.fetched(g, res, flags, (tag) => {
+        if (tag >= this.depth || this.state[tag] !== TagState.InKernel) {
+          this.report('cmd', `ublk queue ${this.qid}: the kernel fetched tag ${tag}, which is not waiting for a request`);
+        } else if (this.draining) {
+          this.giveUp(tag);
+        } else {
+          this.dispatch(tag);
+        }
+      });
+    } else {
+      more = false;
+      b.fetchEnded(g, res);
+      if (res !== UBLK_IO_RES_ABORT && res !== -libc.ENOBUFS && !this.draining) {
+        this.report('cmd', `ublk queue ${this.qid}: the kernel ended FETCH_IO_CMDS: ${errnoName(-res)}`);
+      }
+    }
+    if (!more && (res >= 0 || res === -libc.ENOBUFS) && !this.draining && !this.closed) b.prepFetch(this.nextSqe(), g);
+  }
+
+  /** Batch I/O: a COMMIT_IO_CMDS CQE (the bytes of elements the kernel took). */
+  private batchCommitCqe(buf: number, res: number): void {
+    const refused = this.batch!.committed(buf, res);
+    // Once the fetches were aborted the device is going away, and its requests with it.
+    if (refused && this.batch!.fetching > 0 && !this.draining) {
+      this.report('cmd', `ublk queue ${this.qid}: the kernel refused the answer for tag ${refused.refusedTag}${refused.error ? `: ${errnoName(-refused.error)}` : ''}`);
+    }
+  }
+
   private wakeCqe(flags: number): void {
     try {
       sys.read(this.opts.wakeFd!, this.scratch.address, 8);
@@ -865,6 +959,9 @@ export class UblkQueue implements QueueContext {
       if (kind === KIND_CMD) this.cmdCqe(lo, res);
       else if (kind === KIND_TARGET) this.targetCqe(lo, res, cq[c + 3]!);
       else if (kind === KIND_WAKE) this.wakeCqe(cq[c + 3]!);
+      else if (kind === KIND_BATCH_FETCH) this.batchFetchCqe(lo, res, cq[c + 3]!);
+      else if (kind === KIND_BATCH_COMMIT) this.batchCommitCqe(lo, res);
+      else if (kind === KIND_BATCH_PREP) this.prepResult = res;
       else if (kind === KIND_BUFREG) {
         // Only a failure posts a CQE. A failed register fails the target's fixed-buffer SQEs
         // (no buffer at that index), and so its request; a failed unregister leaves the buffer
@@ -923,15 +1020,33 @@ export class UblkQueue implements QueueContext {
    */
   run(): number {
     this.handler.start?.(this);
-    for (const tag of this.tags) this.queueCmd(UBLK_U_IO_FETCH_REQ, tag, -1);
+    if (this.batch) {
+      // [FETCH] batch I/O: every tag in one PREP_IO_CMDS, then the multishot fetches.
+      this.batch.prepPrep(this.nextSqe(), this.tags);
+      for (const tag of this.tags) this.state[tag] = TagState.InKernel;
+      for (let g = 0; g < BATCH_FETCHES; g++) this.batch.prepFetch(this.nextSqe(), g);
+    } else {
+      for (const tag of this.tags) this.queueCmd(UBLK_U_IO_FETCH_REQ, tag, -1);
+    }
     if (this.opts.wakeFd !== undefined) this.armWake();
     this.enter(0);
     // Every FETCH must be in the kernel before START_DEV; back-pressure may have left some queued.
     while (this.ring.sqReady() > 0) this.enter(0);
+    if (this.batch) {
+      // START_DEV waits for every tag to be prepared, and a refused PREP prepares none: know
+      // which before the owner starts the device (the command completes as it is issued).
+      while (this.prepResult === undefined && !this.stopRequested) {
+        this.enter(1);
+        this.reap();
+      }
+      if (this.prepResult !== undefined && this.prepResult < 0) {
+        throw new Error(`queue ${this.qid}: the kernel refused PREP_IO_CMDS: ${errnoName(-this.prepResult)}`);
+      }
+    }
     this.opts.onFetched?.();
 
     const spinMs = (this.opts.spinUs ?? 0) / 1000;
-    while ((this.doneTags < this.tags.length || this.targetInFlight > 0) && !this.stopRequested) {
+    while (this.active() && !this.stopRequested) {
       if (spinMs === 0) this.enter(1);
       else if (this.ring.cqReady() === 0) {
         this.enter(0); // the commits go now, not after the spin
@@ -943,6 +1058,16 @@ export class UblkQueue implements QueueContext {
       this.handler.afterBatch?.(this);
     }
     return this.served;
+  }
+
+  /**
+   * The device still has work for this queue: tags not yet aborted (per-tag protocol) or a fetch
+   * still armed and answers not yet delivered (batch I/O), or target I/O in flight.
+   */
+  private active(): boolean {
+    const b = this.batch;
+    if (b === undefined) return this.doneTags < this.tags.length || this.targetInFlight > 0;
+    return b.fetching > 0 || this.serving > 0 || b.inFlight > 0 || b.pending > 0 || this.targetInFlight > 0;
   }
 
   /**
@@ -1029,6 +1154,7 @@ export class UblkQueue implements QueueContext {
       this.log(`ublk queue ${this.qid}: the target's close() threw: ${(e as Error)?.stack ?? String(e)}`);
     } finally {
       this.ring.close();
+      this.batch?.free();
       this.descs.unmap();
       this.scratch.unmap();
     }

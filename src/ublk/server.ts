@@ -19,7 +19,7 @@
 import type { Worker } from 'node:worker_threads';
 import { SysError, libc, sys } from '../libc/index.js';
 import { UblkControl, UblkError, stateName, type DevInfo } from './control.js';
-import { UBLK_F_PER_IO_DAEMON, UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES, UBLK_S_DEV_LIVE } from './abi.js';
+import { UBLK_F_BATCH_IO, UBLK_F_PER_IO_DAEMON, UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES, UBLK_S_DEV_LIVE } from './abi.js';
 import { paramsFor, specProblem } from './params.js';
 import { queueDataPath } from './modes.js';
 import { ANY_DEV_ID } from './wire.js';
@@ -415,6 +415,10 @@ async function attachQueues<O>(a: {
   // The kernel caps nr_hw_queues at the number of possible CPUs: serve what it granted.
   // [THREADING] with per-I/O threads, each queue's tags are split among threadsPerQueue threads.
   const k = Math.min(opts.threadsPerQueue ?? 1, info.queueDepth);
+  if (k > 1 && (info.flags & UBLK_F_BATCH_IO)) {
+    // Tags then go to whichever thread's fetch the kernel fills, which the split by tag cannot follow.
+    throw new UblkError(`batch I/O (-b) serves each queue from one thread here; ${k} threads per queue are not supported with it`);
+  }
   if (k > 1 && !(info.flags & UBLK_F_PER_IO_DAEMON)) {
     // ublk_drv grants PER_IO_DAEMON itself (6.16); without it a queue's tags must all come from one task.
     throw new UblkError(`${k} threads per queue need UBLK_F_PER_IO_DAEMON (Linux 6.16), which this kernel did not grant: it serves each queue from one thread`);

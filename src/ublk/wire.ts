@@ -9,8 +9,8 @@
  * ublksrv_io_desc, all in include/uapi/linux/ublk_cmd.h); an SQE is addressed as in
  * src/uring/prep.ts, `(s, w)` = the ring's SQE words and the SQE's first word.
  */
-import { prepUringCmd, setFlags, setU64, getU64, cmdWord, abi as uringAbi } from '../uring/index.js';
-import { ublksrv_io_cmd, ublksrv_ctrl_cmd, ublksrv_io_desc } from './abi.js';
+import { prepUringCmd, setBufferSelect, setFlags, setU64, getU64, cmdWord, abi as uringAbi } from '../uring/index.js';
+import { ublksrv_io_cmd, ublksrv_ctrl_cmd, ublksrv_io_desc, ublk_batch_io, UBLK_U_IO_FETCH_IO_CMDS } from './abi.js';
 
 /** dev_id for "let the kernel choose" (ADD_DEV) or "no device" (GET_FEATURES): -1 as a __u32. */
 export const ANY_DEV_ID = 0xffffffff;
@@ -43,6 +43,38 @@ export function prepIoCmd(
   s[c + W(ublksrv_io_cmd.q_id)] = (qid & 0xffff) | ((tag & 0xffff) << 16); // __u16 q_id, __u16 tag
   s[c + W(ublksrv_io_cmd.result)] = result; // __s32: stored as its two's complement
   setU64(s, c + W(ublksrv_io_cmd.addr), addr);
+}
+
+/**
+ * A batch I/O command (UBLK_F_BATCH_IO, 7.0): a URING_CMD carrying `struct ublk_batch_io`
+ * {q_id, flags, nr_elem, elem_bytes}, with sqe->addr pointing at `nrElem` elements of
+ * `elemBytes` each (PREP_IO_CMDS, COMMIT_IO_CMDS; the kernel reads them while it issues the
+ * command) and sqe->len their size. FETCH_IO_CMDS passes no elements: the kernel writes u16 tags
+ * into a provided buffer instead, so its `elemBytes` is 2 and `buf` 0 (see prepBatchFetch).
+ */
+export function prepBatchCmd(
+  s: Uint32Array, w: number, op: number, file: number, qid: number, flags: number, nrElem: number, elemBytes: number, buf: number,
+): void {
+  prepUringCmd(s, w, op, file, ublk_batch_io.SIZE >>> 2);
+  setFlags(s, w, uringAbi.IOSQE_FIXED_FILE);
+  setU64(s, w + W(uringAbi.io_uring_sqe.addr), buf);
+  s[w + W(uringAbi.io_uring_sqe.len)] = nrElem * elemBytes;
+  const c = cmdWord(w);
+  s[c + W(ublk_batch_io.q_id)] = (qid & 0xffff) | ((flags & 0xffff) << 16); // __u16 q_id, __u16 flags
+  s[c + W(ublk_batch_io.nr_elem)] = (nrElem & 0xffff) | ((elemBytes & 0xff) << 16); // __u16 nr_elem, __u8 elem_bytes, __u8 reserved
+}
+
+/**
+ * FETCH_IO_CMDS: a multishot command (IORING_URING_CMD_MULTISHOT) that posts a CQE whenever
+ * requests arrive, its result the bytes of u16 tags written into a buffer the kernel takes from
+ * provided-buffer group `group` (IOSQE_BUFFER_SELECT, sqe->buf_group). `nrElem` is the most tags
+ * the buffer holds.
+ */
+export function prepBatchFetch(s: Uint32Array, w: number, file: number, qid: number, nrElem: number, group: number): void {
+  prepBatchCmd(s, w, UBLK_U_IO_FETCH_IO_CMDS, file, qid, 0, nrElem, 2, 0);
+  s[w + W(uringAbi.io_uring_sqe.len)] = 0;
+  s[w + W(uringAbi.io_uring_sqe.uring_cmd_flags)] = uringAbi.IORING_URING_CMD_MULTISHOT;
+  setBufferSelect(s, w, group);
 }
 
 /** The fields of a control command (`struct ublksrv_ctrl_cmd`); absent ones are 0 (queueId: none). */

@@ -4,7 +4,7 @@ import { DATA_PATH_MODES, queueDataPath } from '../../src/ublk/modes.js';
 import { DataHome } from '../../src/ublk/request-data.js';
 import {
   UBLK_F_AUTO_BUF_REG, UBLK_F_BATCH_IO, UBLK_F_CMD_IOCTL_ENCODE, UBLK_F_NEED_GET_DATA, UBLK_F_SUPPORT_ZERO_COPY, UBLK_F_UNPRIVILEGED_DEV,
-  UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY,
+  UBLK_F_USER_COPY, UBLK_F_USER_RECOVERY, UBLK_F_SHMEM_ZC,
 } from '../../src/ublk/abi.js';
 
 t.test('dataPathOf names the mode of negotiated flags, ignoring flags that are not about data', (t) => {
@@ -17,8 +17,11 @@ t.test('dataPathOf names the mode of negotiated flags, ignoring flags that are n
   t.equal(dataPathOf(UBLK_F_SUPPORT_ZERO_COPY).name, 'zero_copy');
   t.equal(dataPathOf(UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY).name, 'auto_zc');
   t.equal(dataPathOf(UBLK_F_AUTO_BUF_REG | UBLK_F_SUPPORT_ZERO_COPY | UBLK_F_USER_COPY).name, 'auto_zc');
+  // Batch I/O is how requests travel, not where data is: the data path is named without it.
+  t.equal(dataPathOf(UBLK_F_BATCH_IO).name, 'copy');
+  t.equal(dataPathOf(UBLK_F_BATCH_IO | UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY).name, 'auto_zc');
   // Another server's device in a mode we do not serve: named by its bits, not mistaken for copy.
-  t.equal(dataPathOf(UBLK_F_BATCH_IO).name, 'flags 0x8000');
+  t.equal(dataPathOf(UBLK_F_SHMEM_ZC).name, 'flags 0x80000');
   t.end();
 });
 
@@ -36,6 +39,8 @@ t.test('queueDataPath tells the queue where the data is and who registers buffer
   t.same(queueDataPath(auto, true), { dataHome: DataHome.FixedBuffer, bufferRegistration: 'auto', memoryCopy: true },
     'no fallback registration without zero copy: REGISTER_IO_BUF needs it');
   t.same(queueDataPath(auto | zc, true), { dataHome: DataHome.FixedBuffer, bufferRegistration: 'auto-fallback', memoryCopy: true });
+  t.same(queueDataPath(UBLK_F_BATCH_IO), { dataHome: DataHome.TagBuffer, batch: true }, 'batch I/O goes with the data path');
+  t.same(queueDataPath(UBLK_F_BATCH_IO | auto), { dataHome: DataHome.FixedBuffer, bufferRegistration: 'auto', memoryCopy: true, batch: true });
   t.end();
 });
 
@@ -54,5 +59,7 @@ t.test('dataPathProblem refuses what the kernel would not grant as asked', (t) =
   t.match(dataPathProblem(UBLK_F_USER_COPY | UBLK_F_UNPRIVILEGED_DEV), /--unprivileged/);
   t.match(dataPathProblem(UBLK_F_SUPPORT_ZERO_COPY | UBLK_F_USER_COPY | UBLK_F_UNPRIVILEGED_DEV), /-z \(zero_copy\) cannot be used with --unprivileged/);
   t.equal(dataPathProblem(UBLK_F_SUPPORT_ZERO_COPY | UBLK_F_USER_COPY | UBLK_F_AUTO_BUF_REG), undefined, '--auto_zc_fallback: both, as kublk asks');
+  t.match(dataPathProblem(UBLK_F_BATCH_IO | UBLK_F_NEED_GET_DATA), /-g \(get_data\) and -b \(batch I\/O\) exclude each other/);
+  t.equal(dataPathProblem(UBLK_F_BATCH_IO | UBLK_F_USER_COPY), undefined, 'batch I/O with a copy-free mode');
   t.end();
 });

@@ -7,9 +7,9 @@ import t from 'tap';
 import { IoUring, abi as uringAbi } from '../../src/uring/index.js';
 import {
   UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_U_CMD_ADD_DEV, UBLK_IO_OP_WRITE, UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP,
-  ublksrv_io_desc,
+  ublksrv_io_desc, UBLK_U_IO_COMMIT_IO_CMDS, UBLK_U_IO_FETCH_IO_CMDS, UBLK_BATCH_F_HAS_BUF_ADDR,
 } from '../../src/ublk/abi.js';
-import { ANY_DEV_ID, NO_QUEUE_ID, prepCtrlCmd, prepIoCmd, readIoDesc, SECTOR_SIZE } from '../../src/ublk/wire.js';
+import { ANY_DEV_ID, NO_QUEUE_ID, prepBatchCmd, prepBatchFetch, prepCtrlCmd, prepIoCmd, readIoDesc, SECTOR_SIZE } from '../../src/ublk/wire.js';
 
 const hex = (a: ArrayLike<number>) => Array.from(a, (x) => `0x${(x >>> 0).toString(16)}`);
 
@@ -76,5 +76,41 @@ t.test('a descriptor: op, flags, sectors, start sector (64-bit) and addr, per ta
   t.equal(readIoDesc(d, tag, out), out, 'fills the object it is given');
   t.same(out, { op: UBLK_IO_OP_WRITE, flags: (UBLK_IO_F_FUA | UBLK_IO_F_NOUNMAP | 0x80000000) >>> 0, nrSectors: 1024, startSector: 3 * 2 ** 32 + 5, addr: 0x7fff_0000_1000 });
   t.equal(out.startSector * SECTOR_SIZE, (3 * 2 ** 32 + 5) * 512, 'byte offsets stay exact');
+  t.end();
+});
+
+t.test('batch commands: struct ublk_batch_io at sqe->cmd, the elements at sqe->addr, multishot fetch with buffer select', (t) => {
+  const ring = new IoUring(4);
+  t.teardown(() => ring.close());
+  const w = ring.getSqe();
+  ring.sqes.fill(0xdeadbeef, w, w + 16);
+  prepBatchCmd(ring.sqes, w, UBLK_U_IO_COMMIT_IO_CMDS, 0, 2, UBLK_BATCH_F_HAS_BUF_ADDR, 5, 16, 0x7f00_0000_1000);
+  t.same(hex(ring.sqes.subarray(w, w + 16)), hex([
+    uringAbi.IORING_OP_URING_CMD | (uringAbi.IOSQE_FIXED_FILE << 8),
+    0, // the char device's fixed-file slot
+    UBLK_U_IO_COMMIT_IO_CMDS, 0,
+    0x1000, 0x7f00, // addr: the elements
+    5 * 16, 0, // len: their bytes; uring_cmd_flags
+    0, 0,
+    0, 0,
+    2 | (UBLK_BATCH_F_HAS_BUF_ADDR << 16), // q_id, flags
+    5 | (16 << 16), // nr_elem, elem_bytes, reserved
+    0, 0, // reserved2
+  ]));
+  const f = ring.getSqe();
+  ring.sqes.fill(0xdeadbeef, f, f + 16);
+  prepBatchFetch(ring.sqes, f, 0, 1, 2048, 1);
+  t.same(hex(ring.sqes.subarray(f, f + 16)), hex([
+    uringAbi.IORING_OP_URING_CMD | ((uringAbi.IOSQE_FIXED_FILE | uringAbi.IOSQE_BUFFER_SELECT) << 8),
+    0,
+    UBLK_U_IO_FETCH_IO_CMDS, 0,
+    0, 0, // no elements: the kernel writes tags into a provided buffer
+    0, uringAbi.IORING_URING_CMD_MULTISHOT,
+    0, 0,
+    1, 0, // buf_group 1
+    1, // q_id 1, flags 0
+    2048 | (2 << 16), // nr_elem, elem_bytes 2 (a u16 tag)
+    0, 0,
+  ]));
   t.end();
 });

@@ -12,6 +12,9 @@
  * after a re-add; and after each del or kill -9 the device must be gone, which ublk_drv allows
  * only once every registered request buffer was dropped.
  *
+ * Batch I/O (-b, 7.0) is not a data path but goes with each: the copy mode gets every check, and
+ * -b with -u, -z and --auto_zc each get fio (the last also ext4 and the kill tests).
+ *
  * A mode the running kernel lacks is not skipped: its refusal is what is tested (one line that
  * names the kernel that added it, and no device made).
  */
@@ -21,7 +24,7 @@ import { release } from 'node:os';
 import { join } from 'node:path';
 import { UblkControl } from '../../src/ublk/control.js';
 import { DATA_PATH_MODES, modeAvailable } from '../../src/ublk/modes.js';
-import { UBLK_F_AUTO_BUF_REG, UBLK_F_NEED_GET_DATA, UBLK_F_PER_IO_DAEMON, UBLK_F_SUPPORT_ZERO_COPY, UBLK_F_USER_COPY } from '../../src/ublk/abi.js';
+import { UBLK_F_AUTO_BUF_REG, UBLK_F_BATCH_IO, UBLK_F_NEED_GET_DATA, UBLK_F_PER_IO_DAEMON, UBLK_F_SUPPORT_ZERO_COPY, UBLK_F_USER_COPY } from '../../src/ublk/abi.js';
 import {
   addDevice, alive, exists, ext4RoundTrip, fioBackground, fioJob, fioVerify, killServer, listed, serverPid, sleep, ublk, ublkIds, waitFor,
   noDeviceLeftBehind,
@@ -56,6 +59,8 @@ interface ModeCase {
   threadsPerQueue?: number;
   /** Without UBLK_MODES_FULL, only these tests (the rest repeat another case's path). */
   short?: Array<'mem' | 'kill' | 'recover'>;
+  /** Batch I/O (-b): `ublk list` must say so. */
+  batch?: boolean;
 }
 const MODES: ModeCase[] = [
   { label: 'get_data', name: 'get_data', args: ['-g'], flag: UBLK_F_NEED_GET_DATA, since: '6.0' },
@@ -72,6 +77,14 @@ const MODES: ModeCase[] = [
     label: 'per_io_tasks + auto_zc', name: 'auto_zc', args: ['--auto_zc'], flag: UBLK_F_PER_IO_DAEMON, since: '6.16', threadsPerQueue: 2,
     short: ['kill', 'recover'],
   },
+  // Batch I/O: how requests travel, with each data path (the kernel refuses only -g next to it).
+  { label: 'batch', name: 'copy', args: ['-b'], flag: UBLK_F_BATCH_IO, since: '7.0', batch: true },
+  { label: 'batch + user_copy', name: 'user_copy', args: ['-b', '-u'], flag: UBLK_F_BATCH_IO, since: '7.0', batch: true, short: [] },
+  { label: 'batch + zero_copy', name: 'zero_copy', args: ['-b', '-z'], flag: UBLK_F_BATCH_IO, since: '7.0', batch: true, short: ['mem'] },
+  {
+    label: 'batch + auto_zc', name: 'auto_zc', args: ['-b', '--auto_zc'], flag: UBLK_F_BATCH_IO, since: '7.0', batch: true, zc: true,
+    short: ['kill'],
+  },
 ];
 
 const ctrl = new UblkControl();
@@ -79,6 +92,8 @@ const kernelFeatures = ctrl.features();
 ctrl.close();
 /** The kernel has the mode: its feature bit, and (zero copy, whose bit is older than it works) the release. */
 const kernelHas = (m: ModeCase) => (kernelFeatures & m.flag) !== 0 && modeAvailable(DATA_PATH_MODES.find((x) => x.name === m.name)!, kernelFeatures, release());
+/** Batch cases run only where the kernel has batch I/O; the copy case alone tests the refusal. */
+const refusalTested = (m: ModeCase) => !m.batch || m.args.length === 1;
 
 /** A device of `target` in `mode`, 256 MiB (loop over a sparse file in the guest's tmpfs). */
 /** Runs `fn` with the mode's server environment set (the server inherits the CLI's). */
@@ -105,8 +120,11 @@ function addWith(mode: ModeCase, target: 'loop' | 'mem', queues: number, extra0:
   return addDevice('-t', 'loop', '-f', file, '-q', String(queues), ...mode.args, ...extra);
 }
 
-for (const mode of MODES) {
+// UBLK_MODES_ONLY=text runs only the cases whose label holds it (for work on one mode).
+const only = process.env.UBLK_MODES_ONLY;
+for (const mode of MODES.filter((m) => only === undefined || m.label.includes(only))) {
   if (!kernelHas(mode)) {
+    if (!refusalTested(mode)) continue;
     t.test(`${mode.label} (${mode.args.join(' ')}): this kernel lacks it, and add says which kernel added it`, (t) => {
       const before = ublkIds();
       // A threads case is refused for its threads, whatever its data path.
@@ -126,11 +144,14 @@ for (const mode of MODES) {
     if (target === 'mem' && !runs('mem')) continue;
     t.test(`${mode.label} (${mode.args.join(' ')}), ${target}: fio write + crc32c verify through ${TOTAL / MiB} MiB, 4k and 128k, QD 1 and 64`, (t) => {
       const id = addIn(mode, target);
-      const listed = JSON.parse(ublk('list', '-n', String(id), '--json').stdout) as Array<{ flags: number; data_path: string; threads_per_queue: number }>;
+      const listed = JSON.parse(ublk('list', '-n', String(id), '--json').stdout) as Array<{ flags: number; data_path: string; threads_per_queue: number; batch_io: boolean }>;
+      t.equal(listed[0]!.batch_io, mode.batch === true, `list --json shows batch_io ${mode.batch === true}`);
       t.equal(listed[0]!.threads_per_queue, mode.threadsPerQueue ?? 1, `list --json shows ${mode.threadsPerQueue ?? 1} thread(s) per queue`);
       t.equal(listed[0]!.data_path, mode.name, `list --json shows data_path ${mode.name}`);
       t.ok(listed[0]!.flags & mode.flag, `the kernel kept the flag (flags 0x${listed[0]!.flags.toString(16)})`);
-      t.match(ublk('list', '-n', String(id), '-v').stdout, new RegExp(`data path ${mode.name}: `), 'list -v names the mode');
+      const verbose = ublk('list', '-n', String(id), '-v').stdout;
+      t.match(verbose, new RegExp(`data path ${mode.name}: `), 'list -v names the mode');
+      if (mode.batch) t.match(verbose, /batch I\/O: /, 'list -v says batch I/O');
       if (mode.name === 'auto_zc') {
         // The forced fallback is real only if the queue said it registered buffers itself.
         const log = readFileSync((listed[0] as unknown as { log: string }).log, 'utf8');
