@@ -14,7 +14,7 @@
  * on ext4 on a RAM disk), and our mem target with brd, at 1 queue and QD 1, 32 and 128.
  *
  *   npm run bench:ublk -- [--suite all|null|loop|cost|modes] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
- *   modes suite: [--mode copy,user_copy,zero_copy,auto_zc] [--targets null,mem,loop-tmpfs,loop-ext4] [--qds 1,32,128] [--queues 1,2] [--threads 1,2]
+ *   modes suite: [--mode copy,user_copy,zero_copy,auto_zc,copy+b,auto_zc+b] [--targets null,mem,loop-tmpfs,loop-ext4] [--qds 1,32,128] [--queues 1,2] [--threads 1,2]
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { writeFileSync, existsSync, readdirSync, readFileSync } from 'node:fs';
@@ -23,6 +23,7 @@ import { fileURLToPath } from 'node:url';
 import { release } from 'node:os';
 import { DATA_PATH_MODES, modeAvailable } from '../src/ublk/modes.js';
 import { UblkControl } from '../src/ublk/control.js';
+import { UBLK_F_BATCH_IO } from '../src/ublk/abi.js';
 import { dirname, join } from 'node:path';
 
 const root = dirname(dirname(fileURLToPath(import.meta.url)));
@@ -260,7 +261,8 @@ async function loopSuite(): Promise<Record<string, number>> {
  * QD 1 and 32 (`--qds 1,32,128` for more), 1 queue and 1 fio job (`--queues 1,2`: devices of that
  * many queues, as many fio jobs; `--threads 1,2`: that many threads per queue, per-I/O
  * daemons), points interleaved, medians of --rounds (default 3).
- * `--mode copy,zero_copy` (or `--modes`) picks the modes; `--targets null,mem` the targets.
+ * `--mode copy,zero_copy` (or `--modes`) picks the modes; `--targets null,mem` the targets. A mode
+ * name with `+b` is that data path with batch I/O (-b, 7.0): `copy+b`, `auto_zc+b`.
  */
 async function modesSuite(): Promise<Record<string, number>> {
   const size = 256;
@@ -274,7 +276,14 @@ async function modesSuite(): Promise<Record<string, number>> {
   const ctrl = new UblkControl();
   const features = ctrl.features();
   ctrl.close();
-  const modes = DATA_PATH_MODES.filter((m) => wanted.includes(m.name) && modeAvailable(m, features, release()));
+  // Each wanted name is a data path, or a data path with batch I/O ("auto_zc+b").
+  const modes = wanted.flatMap((w) => {
+    const [base, extra] = w.split('+');
+    const m = DATA_PATH_MODES.find((x) => x.name === base);
+    if (!m || (extra !== undefined && extra !== 'b') || !modeAvailable(m, features, release())) return [];
+    if (extra === 'b' && !(features & UBLK_F_BATCH_IO)) return [];
+    return [{ name: w, args: [...(m.option ? [m.option] : []), ...(extra === 'b' ? ['-b'] : [])] }];
+  });
   const skipped = wanted.filter((w) => !modes.some((m) => m.name === w));
   if (skipped.length) process.stderr.write(`bench: this kernel lacks ${skipped.join(', ')}: not measured\n`);
   if (!modes.some((m) => m.name === 'copy')) throw new Error('bench: --mode must include copy (the reference every other mode is divided by)');
@@ -292,7 +301,7 @@ async function modesSuite(): Promise<Record<string, number>> {
     for (const { q, th, key } of layouts) {
       for (const m of modes) {
         const threads = th > 1 ? ['--nthreads', String(q * th), '--per_io_tasks'] : [];
-        const id = ublkAdd([...targetArgs[target]!, '-q', String(q), ...threads, ...(m.option ? [m.option] : [])]);
+        const id = ublkAdd([...targetArgs[target]!, '-q', String(q), ...threads, ...m.args]);
         ids.push(id);
         dev.set(`${target} ${key} ${m.name}`, `ublkb${id}`);
       }

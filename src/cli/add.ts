@@ -11,14 +11,16 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { release } from 'node:os';
 import { closeSync, existsSync, rmSync, statSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { PAGE_SIZE } from '../libc/index.js';
 import { fileURLToPath } from 'node:url';
 import { UblkControl, UblkError } from '../ublk/control.js';
 import {
-  UBLK_F_BATCH_IO, UBLK_F_NEED_GET_DATA, UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_PER_IO_DAEMON, UBLK_F_QUIESCE, UBLK_F_USER_COPY, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES,
+  UBLK_F_BATCH_IO, UBLK_F_SHMEM_ZC, UBLK_F_NEED_GET_DATA, UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_PER_IO_DAEMON, UBLK_F_QUIESCE, UBLK_F_USER_COPY, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_USER_RECOVERY_REISSUE, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES,
 } from '../ublk/abi.js';
 import { DATA_PATH_MODES, dataPathOf, dataPathProblem, releaseAtLeast, type DataPathMode } from '../ublk/modes.js';
 import { isPowerOfTwo, MAX_IO_BYTES, MIN_IO_BYTES, specProblem } from '../ublk/params.js';
-import { DEFAULT_MAX_IO_BYTES, UBLK_MAX_DEV_ID } from '../ublk/server.js';
+import { DEFAULT_MAX_IO_BYTES, MAX_SHARED_BYTES, UBLK_MAX_DEV_ID } from '../ublk/server.js';
 import { loadTarget, targetNames } from '../targets/index.js';
 import { parseOptions, UsageError, type OptionSpec } from '../targets/options.js';
 import { RunDir } from './run-dir.js';
@@ -67,7 +69,10 @@ export const ADD_OPTIONS: readonly OptionSpec[] = [
   // differ from -q only with --per_io_tasks; here each queue's tags are split among N / Q threads.
   { key: 'nthreads', names: ['--nthreads'], kind: 'count', min: 1, max: UBLK_MAX_QUEUE_DEPTH },
   { key: 'perIoTasks', names: ['--per_io_tasks'], kind: 'flag' },
-  { key: 'shmemZc', names: ['--shmem_zc'], kind: 'flag', refuse: NOT_YET('shared-memory zero copy (kublk\'s --shmem_zc, UBLK_F_SHMEM_ZC)') },
+  // UBLK_F_SHMEM_ZC (7.1): --htlb FILE (a hugetlbfs or tmpfs file, as in kublk) is mapped shared and
+  // registered; a client's O_DIRECT I/O from its own mapping of the file is served in place.
+  { key: 'shmemZc', names: ['--shmem_zc'], kind: 'flag' },
+  { key: 'htlb', names: ['--htlb'], kind: 'string' },
 ];
 
 export async function add(argv: string[]): Promise<number> {
@@ -89,9 +94,10 @@ export async function add(argv: string[]): Promise<number> {
       | (values.getData ? UBLK_F_NEED_GET_DATA : 0) | (values.userCopy ? UBLK_F_USER_COPY : 0)
       | (values.zeroCopy ? modeNamed('zero_copy').flags : 0) | (values.autoZc ? modeNamed('auto_zc').flags : 0)
       | (values.autoZcFallback ? modeNamed('auto_zc').flags | modeNamed('zero_copy').flags : 0)
-      | (values.batch ? UBLK_F_BATCH_IO : 0),
+      | (values.batch ? UBLK_F_BATCH_IO : 0) | (values.shmemZc ? UBLK_F_SHMEM_ZC : 0),
     autoZcFallback: values.autoZcFallback === true ? true : undefined,
     threadsPerQueue: threadsPerQueue(values),
+    sharedFiles: sharedFiles(values),
     name: values.save === undefined ? undefined : checkName(values.save as string),
   };
   const m = cfg.maxIoBytes;
@@ -121,7 +127,8 @@ export async function add(argv: string[]): Promise<number> {
       if (other) throw new UblkError(`the name ${cfg.name} is device ${other.devId}'s (\`ublk down ${cfg.name}\` removes it)`);
     }
     if (cfg.flags & UBLK_F_NO_AUTO_PART_SCAN) ctrl.requireFeature(UBLK_F_NO_AUTO_PART_SCAN, '--no_auto_part_scan');
-    // -b first: with it, a kernel before 7.0 is told 7.0, whatever data path goes with it.
+    // -b and --shmem_zc first: a kernel without them is told their release, whatever data path goes with them.
+    if (cfg.flags & UBLK_F_SHMEM_ZC) ctrl.requireFeature(UBLK_F_SHMEM_ZC, '--shmem_zc');
     if (cfg.flags & UBLK_F_BATCH_IO) ctrl.requireFeature(UBLK_F_BATCH_IO, '-b (batch I/O)');
     requireDataPath(ctrl, cfg.flags, values.autoZcFallback === true);
     if ((cfg.threadsPerQueue ?? 1) > 1) ctrl.requireFeature(UBLK_F_PER_IO_DAEMON, `--nthreads ${String(values.nthreads)} --per_io_tasks`);
@@ -308,6 +315,33 @@ function requireDataPath(ctrl: UblkControl, flags: number, fallback: boolean): v
   for (const m of used) {
     if (m.release && !releaseAtLeast(release(), m.release)) throw new UblkError(`${label(m)} needs Linux ${m.release} or later, and this kernel is ${release()}`);
   }
+}
+
+/**
+ * --shmem_zc's shared file: kublk's --htlb FILE, here any file the server can map shared (hugetlbfs,
+ * or tmpfs such as /dev/shm), whose pages a client maps too. kublk's other way, a client handing
+ * its memfd over a socket, is not supported. Checked here so that a mistake makes no device.
+ */
+function sharedFiles(values: Record<string, unknown>): string[] | undefined {
+  const file = values.htlb as string | undefined;
+  if (!values.shmemZc) {
+    if (file !== undefined) throw new UsageError('--htlb FILE goes with --shmem_zc');
+    return undefined;
+  }
+  if (file === undefined) {
+    throw new UsageError('--shmem_zc needs --htlb FILE: a hugetlbfs or tmpfs file (e.g. in /dev/shm) that clients map too (a client handing its memfd over a socket, kublk\'s other way, is not supported)');
+  }
+  if (values.recovery) throw new UsageError('--shmem_zc with -r 1 is not supported yet: a recovering server would have to find the registered buffers again');
+  let st;
+  try {
+    st = statSync(file);
+  } catch (e) {
+    throw new UsageError(`--htlb ${file}: ${(e as Error).message}`);
+  }
+  if (!st.isFile() || st.size === 0 || st.size % PAGE_SIZE !== 0 || st.size > MAX_SHARED_BYTES) {
+    throw new UsageError(`--htlb ${file} must be a regular file whose size is a multiple of the page size (${PAGE_SIZE}), from one page to 1 GiB; it is ${st.size} bytes`);
+  }
+  return [resolve(file)];
 }
 
 /**

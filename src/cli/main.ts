@@ -13,7 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { CONTROL_PATH as CONTROL_DEVICE, UblkControl, UblkError, stateName, type DevInfo, type DevParams } from '../ublk/control.js';
 import { TargetError } from '../ublk/target.js';
 import {
-  UBLK_FEATURES, ublkFeatureNames, UBLK_F_BATCH_IO, UBLK_F_QUIESCE, UBLK_F_SAFE_STOP_DEV, UBLK_F_UPDATE_SIZE, UBLK_F_USER_RECOVERY,
+  UBLK_FEATURES, ublkFeatureNames, UBLK_F_BATCH_IO, UBLK_F_SHMEM_ZC, UBLK_F_QUIESCE, UBLK_F_SAFE_STOP_DEV, UBLK_F_UPDATE_SIZE, UBLK_F_USER_RECOVERY,
   UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_RECOVERY_REISSUE, UBLK_S_DEV_LIVE,
 } from '../ublk/abi.js';
 import { UBLK_MAX_DEV_ID, pidAlive } from '../ublk/server.js';
@@ -561,6 +561,10 @@ function deviceJson(info: DevInfo, params: DevParams | undefined, state: DeviceS
     data_path: dataPathOf(info.flags).name,
     /** Requests come and go many per command (-b, UBLK_F_BATCH_IO). */
     batch_io: (info.flags & UBLK_F_BATCH_IO) !== 0,
+    /** Requests from a registered shared region are served in place (--shmem_zc, UBLK_F_SHMEM_ZC). */
+    shmem_zc: (info.flags & UBLK_F_SHMEM_ZC) !== 0,
+    /** --shmem_zc's shared files (--htlb); absent for a device we do not serve. */
+    shared_files: state?.sharedFiles,
     state: stateName(info.state),
     /** A server serves the device (false: QUIESCED or FAIL_IO, waiting for `ublk recover`). */
     server: info.state === UBLK_S_DEV_LIVE && pidAlive(info.ublksrvPid),
@@ -622,6 +626,7 @@ function list(argv: string[]): number {
         }
         out(`\tdata path ${d.data_path}: ${dataPathOf(d.flags).describe}\n`);
         if (d.batch_io) out('\tbatch I/O: requests come and go many per command (PREP/FETCH/COMMIT_IO_CMDS)\n');
+        if (d.shmem_zc) out(`\tshared-memory zero copy: O_DIRECT requests from ${d.shared_files?.join(', ') ?? 'a registered region'} are served in place\n`);
         if ((d.threads_per_queue ?? 1) > 1) out(`\tthreads ${d.threads_per_queue} per queue (per-I/O daemons): tag t is served by thread t % ${d.threads_per_queue}\n`);
         if (d.target) out(`\ttarget ${d.target.name} ${JSON.stringify(d.target.describe ?? d.target.options)}\n`);
         if (d.log) out(`\tlog ${d.log}\n`);

@@ -37,6 +37,8 @@ export interface DeviceState {
   autoZcFallback?: boolean;
   /** Threads per queue (--nthreads / --per_io_tasks), kept by recover and upgrade. */
   threadsPerQueue?: number;
+  /** --shmem_zc's shared files (--htlb), registered with REG_BUF. */
+  sharedFiles?: string[];
   /** Its saved name (`add --save NAME`). */
   name?: string;
   /** The server process. */

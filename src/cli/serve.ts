@@ -51,6 +51,8 @@ export interface ServeConfig {
   autoZcFallback?: boolean;
   /** --nthreads / --per_io_tasks (ServerOptions.threadsPerQueue). */
   threadsPerQueue?: number;
+  /** --shmem_zc --htlb FILE (ServerOptions.sharedFiles). */
+  sharedFiles?: string[];
   /** The device's saved name (`add --save NAME`): linked in /dev/disk/by-ublk-name while served. */
   name?: string;
   /** Recover device `devId` (whose server died) instead of adding one. */
@@ -152,7 +154,7 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   try {
     const common = {
       target: t.def, targetUrl: t.url, targetOptions: cfg.targetOptions, signal: abort.signal, force: force.signal, spinUs: cfg.spinUs, autoZcFallback: cfg.autoZcFallback,
-      threadsPerQueue: cfg.threadsPerQueue,
+      threadsPerQueue: cfg.threadsPerQueue, sharedFiles: cfg.sharedFiles,
     };
     server = cfg.recover
       ? await UblkServer.recover({ ...common, devId: cfg.devId! })
@@ -179,7 +181,7 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   }
   const state: DeviceState = {
     devId: id, target: cfg.target, targetOptions: cfg.targetOptions, queues: cfg.queues, depth: cfg.depth,
-    maxIoBytes: cfg.maxIoBytes, flags: cfg.flags, spinUs: cfg.spinUs, autoZcFallback: cfg.autoZcFallback, threadsPerQueue: cfg.threadsPerQueue, name: cfg.name, pid: process.pid, log: cfg.log, describe: server.spec.describe,
+    maxIoBytes: cfg.maxIoBytes, flags: cfg.flags, spinUs: cfg.spinUs, autoZcFallback: cfg.autoZcFallback, threadsPerQueue: cfg.threadsPerQueue, sharedFiles: cfg.sharedFiles, name: cfg.name, pid: process.pid, log: cfg.log, describe: server.spec.describe,
   };
   try {
     if (!abort.signal.aborted) runDir.writeState(state); // (a signal's stop is already removing the device)

@@ -29,7 +29,8 @@ import {
   UBLK_U_CMD_GET_PARAMS, UBLK_U_CMD_GET_DEV_INFO, UBLK_U_CMD_GET_DEV_INFO2,
   UBLK_U_CMD_GET_QUEUE_AFFINITY, UBLK_U_CMD_GET_FEATURES, UBLK_U_CMD_START_USER_RECOVERY,
   UBLK_U_CMD_END_USER_RECOVERY, UBLK_U_CMD_UPDATE_SIZE, UBLK_U_CMD_QUIESCE_DEV,
-  UBLK_U_CMD_TRY_STOP_DEV, UBLK_F_UPDATE_SIZE, UBLK_F_QUIESCE, UBLK_F_SAFE_STOP_DEV,
+  UBLK_U_CMD_TRY_STOP_DEV, UBLK_U_CMD_REG_BUF, UBLK_U_CMD_UNREG_BUF, ublk_shmem_buf_reg, UBLK_F_SHMEM_ZC,
+  UBLK_F_UPDATE_SIZE, UBLK_F_QUIESCE, UBLK_F_SAFE_STOP_DEV,
   UBLK_F_CMD_IOCTL_ENCODE, UBLK_F_UNPRIVILEGED_DEV, UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, UBLK_S_DEV_FAIL_IO,
 } from './abi.js';
 import { ANY_DEV_ID, prepCtrlCmd, type CtrlCmd } from './wire.js';
@@ -332,6 +333,29 @@ export class UblkControl {
   tryStopDev(devId: number): void {
     this.requireFeature(UBLK_F_SAFE_STOP_DEV, 'TRY_STOP_DEV');
     this.command('TRY_STOP_DEV', UBLK_U_CMD_TRY_STOP_DEV, { devId });
+  }
+
+  /**
+   * REG_BUF (7.1, UBLK_F_SHMEM_ZC): pins `len` bytes of shared memory at `addr` (page-aligned, a
+   * MAP_SHARED mapping of a memfd, tmpfs or hugetlbfs file) and returns the buffer's index. From
+   * then on a request whose pages all lie in it, in one piece, reaches the server as
+   * UBLK_IO_F_SHMEM_ZC with desc.addr = index << 32 | offset, and no data is copied. Allowed
+   * before START_DEV; on a live disk the kernel freezes its queue while it registers.
+   */
+  regBuf(devId: number, addr: number, len: number, flags = 0): number {
+    this.requireFeature(UBLK_F_SHMEM_ZC, 'REG_BUF');
+    const v = this.buf.view;
+    v.setBigUint64(ublk_shmem_buf_reg.addr, BigInt(addr), true);
+    v.setBigUint64(ublk_shmem_buf_reg.len, BigInt(len), true);
+    v.setUint32(ublk_shmem_buf_reg.flags, flags, true);
+    v.setUint32(ublk_shmem_buf_reg.reserved, 0, true);
+    return this.command('REG_BUF', UBLK_U_CMD_REG_BUF, { devId, len: ublk_shmem_buf_reg.SIZE });
+  }
+
+  /** UNREG_BUF (7.1): drops shared buffer `index` (its pages are unpinned). */
+  unregBuf(devId: number, index: number): void {
+    this.requireFeature(UBLK_F_SHMEM_ZC, 'UNREG_BUF');
+    this.command('UNREG_BUF', UBLK_U_CMD_UNREG_BUF, { devId, data: index });
   }
 
   /**

@@ -27,9 +27,12 @@
  *
  * Batch I/O (UBLK_F_BATCH_IO, 7.0, kublk's -b) is not one of these: it changes how requests
  * reach the server and go back (many tags per command, batch.ts), not where their data is, and
- * goes with every data path but get_data (the kernel clears NEED_GET_DATA next to it).
+ * goes with every data path but get_data (the kernel clears NEED_GET_DATA next to it). Nor is
+ * shared-memory zero copy (UBLK_F_SHMEM_ZC, 7.1, --shmem_zc): it applies request by request, to
+ * those whose pages lie in a region the server registered, and the others take the device's
+ * data path (request-data.ts, beginShared).
  */
-import { UBLK_F_NEED_GET_DATA, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_SUPPORT_ZERO_COPY, UBLK_F_AUTO_BUF_REG, UBLK_F_BATCH_IO, UBLK_F_SHMEM_ZC } from './abi.js';
+import { UBLK_F_NEED_GET_DATA, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_USER_COPY, UBLK_F_SUPPORT_ZERO_COPY, UBLK_F_AUTO_BUF_REG, UBLK_F_BATCH_IO } from './abi.js';
 import { DataHome } from './request-data.js';
 
 export interface DataPathMode {
@@ -100,23 +103,16 @@ export function dataPathProblem(flags: number): string | undefined {
 }
 
 /** Flags that choose where data goes. */
-const MODE_FLAGS = UBLK_F_NEED_GET_DATA | COPY_FREE | UBLK_F_SHMEM_ZC;
+const MODE_FLAGS = UBLK_F_NEED_GET_DATA | COPY_FREE;
 
 const byFlag = (flag: number) => DATA_PATH_MODES.find((x) => x.flag === flag)!;
 
 /**
  * The mode a device with these (negotiated) flags runs in: the most copy-free one it has
- * (auto_zc, then zero_copy, user_copy, get_data). A flag this server does not serve yet
- * (another server's device, seen by `ublk list`) is named by its bits.
+ * (auto_zc, then zero_copy, user_copy, get_data), or copy.
  */
 export function dataPathOf(flags: number): DataPathMode {
   const chosen = flags & MODE_FLAGS;
-  if (chosen & UBLK_F_SHMEM_ZC) {
-    return {
-      name: `flags 0x${chosen.toString(16)}`, flag: chosen, flags: chosen, option: '', home: DataHome.TagBuffer,
-      describe: 'a data path this server does not serve',
-    };
-  }
   for (const f of [UBLK_F_AUTO_BUF_REG, UBLK_F_SUPPORT_ZERO_COPY, UBLK_F_USER_COPY, UBLK_F_NEED_GET_DATA]) {
     if (chosen & f) return byFlag(f);
   }

@@ -6,7 +6,7 @@
 import type { QueueCloseReport, UblkQueueOptions } from './queue.js';
 
 /** What the server hands a queue thread (structured-cloned as workerData). */
-export interface QueueThreadData extends Pick<UblkQueueOptions, 'charFd' | 'qid' | 'depth' | 'maxIoBytes' | 'drainTimeoutMs' | 'spinUs' | 'dataHome' | 'bufferRegistration' | 'memoryCopy' | 'batch' | 'forceRegFallback' | 'tagStride' | 'tagOffset'> {
+export interface QueueThreadData extends Pick<UblkQueueOptions, 'charFd' | 'qid' | 'depth' | 'maxIoBytes' | 'drainTimeoutMs' | 'spinUs' | 'dataHome' | 'bufferRegistration' | 'memoryCopy' | 'batch' | 'forceRegFallback' | 'tagStride' | 'tagOffset' | 'sharedRegions'> {
   /** The module whose default export is the TargetDefinition (the thread imports it itself). */
   targetUrl: string;
   targetOptions: unknown;

@@ -48,6 +48,7 @@ try {
     forceRegFallback: data.forceRegFallback,
     tagStride: data.tagStride,
     tagOffset: data.tagOffset,
+    sharedRegions: data.sharedRegions,
     handler,
     wakeFd: data.wakeFd,
     log: (line) => send({ kind: 'log', qid: data.qid, line }),

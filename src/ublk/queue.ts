@@ -60,7 +60,8 @@ import { Mapping, PAGE_SIZE, SysError, errnoName, libc, sys } from '../libc/inde
 import {
   UBLK_U_IO_FETCH_REQ, UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_U_IO_NEED_GET_DATA, UBLK_U_IO_REGISTER_IO_BUF,
   UBLK_U_IO_UNREGISTER_IO_BUF, UBLK_IO_RES_OK, UBLK_IO_RES_NEED_GET_DATA, UBLK_IO_RES_ABORT, UBLK_IO_OP_READ,
-  UBLK_IO_OP_WRITE, UBLK_IO_OP_NAMES, UBLK_IO_F_NEED_REG_BUF, UBLK_AUTO_BUF_REG_FALLBACK, descOffset, descLength,
+  UBLK_IO_OP_WRITE, UBLK_IO_OP_NAMES, UBLK_IO_F_NEED_REG_BUF, UBLK_IO_F_SHMEM_ZC, UBLK_AUTO_BUF_REG_FALLBACK, descOffset, descLength,
+  shmemZcIndex, shmemZcOffset,
 } from './abi.js';
 import { DataHome, RequestData } from './request-data.js';
 import { BATCH_FETCHES, BatchCommands, batchLayout } from './batch.js';
@@ -140,6 +141,11 @@ export interface UblkQueueOptions {
    */
   tagStride?: number;
   tagOffset?: number;
+  /**
+   * Shared regions registered with REG_BUF (UBLK_F_SHMEM_ZC, 7.1): a request the kernel matched
+   * to one (UBLK_IO_F_SHMEM_ZC) has its data at `address + offset`, in this process.
+   */
+  sharedRegions?: ReadonlyArray<{ index: number; address: number; length: number }>;
   /**
    * Batch I/O (UBLK_F_BATCH_IO, 7.0; batch.ts): PREP/FETCH/COMMIT_IO_CMDS instead of per-tag
    * commands. The queue's tags are then served by one thread (no tagStride).
@@ -270,6 +276,8 @@ export class UblkQueue implements QueueContext {
   private readonly batch: BatchCommands | undefined;
   /** Batch I/O: PREP_IO_CMDS's result once its CQE arrived. */
   private prepResult: number | undefined;
+  /** Shared regions by REG_BUF index: address, length, and a Buffer over them (made on first use). */
+  private readonly regions = new Map<number, { address: number; length: number; bytes?: Buffer }>();
   private readonly log: (line: string) => void;
 
   // Per tag.
@@ -357,6 +365,7 @@ export class UblkQueue implements QueueContext {
     this.deferredResult = new Int32Array(n);
     this.linkedSlot = new Int32Array(n).fill(-1);
     this.registered = new Uint8Array(n);
+    for (const r of opts.sharedRegions ?? []) this.regions.set(r.index, { address: r.address, length: r.length });
     const cleanup: Array<() => void> = [() => this.scratch.unmap()];
     try {
       // The kernel finds the queue from the offset with its own PAGE_SIZE: ours must be the same.
@@ -789,8 +798,14 @@ export class UblkQueue implements QueueContext {
     this.serving++;
     this.failed[tag] = 0;
     this.deferred[tag] = 0;
-    this.data.begin(tag, req.op, req.length);
-    if ((this.manualRegistration || d.flags & UBLK_IO_F_NEED_REG_BUF) && (req.op === UBLK_IO_OP_READ || req.op === UBLK_IO_OP_WRITE) && req.length > 0) {
+    if (d.flags & UBLK_IO_F_SHMEM_ZC) {
+      // The client's pages lie in a region we registered: the data is already in our memory.
+      if (!this.beginShared(tag, req, d.addr)) return;
+    } else {
+      this.data.begin(tag, req.op, req.length);
+    }
+    if ((this.manualRegistration || d.flags & UBLK_IO_F_NEED_REG_BUF) && !this.data.isShared(tag)
+      && (req.op === UBLK_IO_OP_READ || req.op === UBLK_IO_OP_WRITE) && req.length > 0) {
       // [BUFFER] zero copy (or an automatic registration the kernel could not make): the
       // request's pages become fixed buffer `tag` before any SQE of the target can name them.
       this.registered[tag] = 1;
@@ -811,6 +826,30 @@ export class UblkQueue implements QueueContext {
       this.handedOutCount = 0;
     }
     if (result !== undefined) this.complete(tag, result);
+  }
+
+  /**
+   * UBLK_IO_F_SHMEM_ZC: points the request's data at buffer index `addr >> 32`, offset
+   * `addr & 0xffffffff`. A region this queue does not know, or a range past its end, would be the
+   * kernel's mistake or a stale registration: the request fails with EIO and is never served.
+   */
+  private beginShared(tag: number, req: TagRequest, addr: number): boolean {
+    const index = shmemZcIndex(addr);
+    const off = shmemZcOffset(addr);
+    const r = this.regions.get(index);
+    if (r === undefined || off + req.length > r.length) {
+      this.report('shmem', `ublk queue ${this.qid}: tag ${tag}'s ${req.describe()} is in shared buffer ${index} at ${off}, which this server did not register${r ? ` that far (${r.length} bytes)` : ''}: failing it with EIO`);
+      this.data.begin(tag, req.op, req.length);
+      this.commit(tag, -libc.EIO);
+      return false;
+    }
+    if (r.bytes === undefined) {
+      r.bytes = Mapping.borrow(r.address, r.length).bytes();
+      // Once per region: the evidence that the kernel matched a client's pages (tests look for it).
+      this.log(`ublk queue ${this.qid}: a request is served in place from shared buffer ${index} (UBLK_IO_F_SHMEM_ZC)`);
+    }
+    this.data.beginShared(tag, req.op, req.length, r.bytes, r.address, off);
+    return true;
   }
 
   /** A target SQE's CQE: run its callback as part of its request, then commit the request if it waited for it. */

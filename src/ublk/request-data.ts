@@ -19,6 +19,11 @@
  *     data never passes through user memory. Memory copies use the user-copy calls where the
  *     kernel allows them next to zero copy (`userCopy`), and are refused otherwise.
  *
+ * A request the kernel matched to a registered shared region (UBLK_F_SHMEM_ZC, 7.1; the queue
+ * finds its address, beginShared) has its data there, in any mode: the client's own pages, which
+ * this process maps too. It is served like the tag buffer of copy mode, SQEs and memcpy on that
+ * memory, and the kernel copies nothing at either end.
+ *
  * The pread/pwrite calls are synchronous, as kublk makes them: each is a memcpy in the kernel,
  * and an SQE on the char device could be handed to an io-wq worker (the file does not promise
  * NOWAIT), which is no place for a commit linked behind it.
@@ -74,6 +79,11 @@ export class RequestData {
    * collector running (async targets ask for it on every READ and WRITE).
    */
   private readonly sized: Array<Buffer | undefined>;
+  /** Per tag: the address of the request's data in a shared region (UBLK_IO_F_SHMEM_ZC), or 0. */
+  private readonly shared: Float64Array;
+  /** Per tag with `shared`: the whole region as a Buffer, and the request's offset in it. */
+  private readonly sharedRegion: Array<Buffer | undefined>;
+  private readonly sharedOffset: Float64Array;
 
   constructor(o: RequestDataOptions) {
     this.o = o;
@@ -83,6 +93,9 @@ export class RequestData {
     this.staged = new Uint8Array(o.depth);
     this.views = new Array<Buffer | undefined>(o.depth);
     this.sized = new Array<Buffer | undefined>(o.depth);
+    this.shared = new Float64Array(o.depth);
+    this.sharedRegion = new Array<Buffer | undefined>(o.depth);
+    this.sharedOffset = new Float64Array(o.depth);
   }
 
   /** The data path reaches request data from user memory (memory copies, `buffer`). */
@@ -95,6 +108,25 @@ export class RequestData {
     this.op[tag] = op;
     this.length[tag] = length;
     this.staged[tag] = this.home === DataHome.TagBuffer ? 1 : 0;
+    this.shared[tag] = 0;
+  }
+
+  /**
+   * A new request whose data the kernel left in a shared region (UBLK_IO_F_SHMEM_ZC): `length`
+   * bytes at `offset` of `region` (a Buffer over the region), whose address is `base`.
+   */
+  beginShared(tag: number, op: number, length: number, region: Buffer, base: number, offset: number): void {
+    this.op[tag] = op;
+    this.length[tag] = length;
+    this.staged[tag] = 1;
+    this.shared[tag] = base + offset;
+    this.sharedRegion[tag] = region;
+    this.sharedOffset[tag] = offset;
+  }
+
+  /** The request's data is in a shared region. */
+  isShared(tag: number): boolean {
+    return this.shared[tag] !== 0;
   }
 
   /** Address of tag's buffer. */
@@ -106,8 +138,21 @@ export class RequestData {
     return (this.views[tag] ??= this.o.bufs.bytes(tag * this.o.maxIoBytes, this.o.maxIoBytes));
   }
 
+  /** Where the request's data is in memory: its shared region, or its tag buffer. */
+  private dataAddress(tag: number): number {
+    return this.shared[tag] || this.address(tag);
+  }
+
+  /** The memory holding the request's data as a Buffer (its tag buffer, or its piece of a shared region). */
+  private dataView(tag: number): Buffer {
+    if (this.shared[tag] === 0) return this.view(tag);
+    const off = this.sharedOffset[tag]!;
+    return this.sharedRegion[tag]!.subarray(off, off + this.length[tag]!);
+  }
+
   /** IoRequest.buffer: the tag buffer, holding the request's data (staged first where needed). */
   buffer(tag: number): Buffer {
+    if (this.shared[tag] !== 0) return this.dataView(tag);
     this.stage(tag);
     const n = Math.min(this.length[tag]!, this.o.maxIoBytes);
     const b = this.sized[tag];
@@ -134,39 +179,39 @@ export class RequestData {
   }
 
   prepReadInto(s: Uint32Array, w: number, tag: number, fd: number, fileOffset: number, at: number, len: number): void {
-    if (this.home === DataHome.FixedBuffer) {
+    if (this.home === DataHome.FixedBuffer && this.shared[tag] === 0) {
       prepReadFixed(s, w, fd, at, len, fileOffset, tag);
       return;
     }
     // User copy: the READ lands in the tag buffer, which goes to the kernel at commit.
     this.staged[tag] = 1;
-    prepRead(s, w, fd, this.address(tag) + at, len, fileOffset);
+    prepRead(s, w, fd, this.dataAddress(tag) + at, len, fileOffset);
   }
 
   prepWriteFrom(s: Uint32Array, w: number, tag: number, fd: number, fileOffset: number, at: number, len: number): void {
-    if (this.home === DataHome.FixedBuffer) {
+    if (this.home === DataHome.FixedBuffer && this.shared[tag] === 0) {
       prepWriteFixed(s, w, fd, at, len, fileOffset, tag);
       return;
     }
     this.stage(tag);
-    prepWrite(s, w, fd, this.address(tag) + at, len, fileOffset);
+    prepWrite(s, w, fd, this.dataAddress(tag) + at, len, fileOffset);
   }
 
   copyToRequest(tag: number, src: Buffer, at: number): number {
-    if (this.staged[tag]) return src.copy(this.view(tag), at);
+    if (this.staged[tag]) return src.copy(this.dataView(tag), at);
     if (!this.memoryAccess) return -libc.EOPNOTSUPP;
     return this.userCopy(tag, src, at, true);
   }
 
   copyFromRequest(tag: number, dst: Buffer, at: number): number {
-    if (this.staged[tag]) return this.view(tag).copy(dst, 0, at, at + dst.length);
+    if (this.staged[tag]) return this.dataView(tag).copy(dst, 0, at, at + dst.length);
     if (!this.memoryAccess) return -libc.EOPNOTSUPP;
     return this.userCopy(tag, dst, at, false);
   }
 
   zeroRequest(tag: number, at: number, len: number): number {
     if (this.staged[tag]) {
-      this.view(tag).fill(0, at, at + len);
+      this.dataView(tag).fill(0, at, at + len);
       return len;
     }
     zeroPage ??= Mapping.anonymous(ZERO_BYTES).bytes();
@@ -184,7 +229,7 @@ export class RequestData {
    * the commit that completes it (so that commit can never be linked behind the target's SQE).
    */
   copiesOut(tag: number): boolean {
-    return this.home !== DataHome.TagBuffer && this.staged[tag] === 1 && this.op[tag] === UBLK_IO_OP_READ;
+    return this.home !== DataHome.TagBuffer && this.staged[tag] === 1 && this.op[tag] === UBLK_IO_OP_READ && this.shared[tag] === 0;
   }
 
   /** Before tag's commit with result `res`: sends a staged READ's `res` bytes; returns `res` or -errno. */

@@ -16,8 +16,9 @@
  * LIVE again; with REISSUE the requests the old server held are sent again). The main thread never blocks on the queues: it waits for
  * their messages on its event loop, which stays free for targets that run there.
  */
+import { closeSync, fstatSync, openSync } from 'node:fs';
 import type { Worker } from 'node:worker_threads';
-import { SysError, libc, sys } from '../libc/index.js';
+import { Mapping, PAGE_SIZE, SysError, libc, sys } from '../libc/index.js';
 import { UblkControl, UblkError, stateName, type DevInfo } from './control.js';
 import { UBLK_F_BATCH_IO, UBLK_F_PER_IO_DAEMON, UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY, UBLK_MAX_QUEUE_DEPTH, UBLK_MAX_NR_QUEUES, UBLK_S_DEV_LIVE } from './abi.js';
 import { paramsFor, specProblem } from './params.js';
@@ -79,6 +80,13 @@ export interface ServerOptions<O> {
    * and before 6.16 the kernel wanted one thread per queue.
    */
   threadsPerQueue?: number;
+  /**
+   * UBLK_F_SHMEM_ZC (7.1) devices: files (tmpfs, hugetlbfs) this server maps shared and registers
+   * with REG_BUF before the disk starts. A client that maps the same file and does O_DIRECT I/O
+   * from it has its requests served in place, with no copy (UblkQueueOptions.sharedRegions). The
+   * mappings last as long as the process: the kernel holds the pages pinned until DEL_DEV anyway.
+   */
+  sharedFiles?: readonly string[];
   /**
    * Aborting it (during start() or any time after) makes every queue fail the requests its
    * target holds, and all later ones, with EIO (UblkQueue.failHeld): the way out when a target
@@ -202,7 +210,8 @@ export class UblkServer {
       // access to it, which udev's helper grants a moment after ADD_DEV made the node.
       charFd = openCharDev(info.devId);
       ctrl.setParams(info.devId, params);
-      await attachQueues({ info, charFd, started, targetUrl, opts, spec, nrCounters: counterNames.length });
+      const regions = registerShared(ctrl, info.devId, opts.sharedFiles ?? []);
+      await attachQueues({ info, charFd, started, targetUrl, opts, spec, nrCounters: counterNames.length, regions });
       checkAbort();
       // Not the blocking variant: the kernel's partition scan during START_DEV sends I/O, which
       // an async target serves on this very event loop.
@@ -410,6 +419,7 @@ async function teardown(o: {
  */
 async function attachQueues<O>(a: {
   info: DevInfo; charFd: number; started: QueueThread[]; targetUrl: string; opts: ServerOptions<O>; spec: DeviceSpec; nrCounters: number;
+  regions?: SharedRegion[];
 }): Promise<void> {
   const { info, opts, started } = a;
   // The kernel caps nr_hw_queues at the number of possible CPUs: serve what it granted.
@@ -428,7 +438,7 @@ async function attachQueues<O>(a: {
       started.push(spawnQueue({
         info, charFd: a.charFd, qid, targetUrl: a.targetUrl, targetOptions: opts.targetOptions ?? {}, device: a.spec.queueData,
         nrCounters: a.nrCounters, asyncTarget: opts.asyncTarget, drainTimeoutMs: opts.drainTimeoutMs, spinUs: opts.spinUs, autoZcFallback: opts.autoZcFallback, log: opts.log,
-        tagStride: k, tagOffset: t,
+        tagStride: k, tagOffset: t, sharedRegions: a.regions,
       }));
     }
   }
@@ -505,7 +515,40 @@ interface SpawnOptions {
   autoZcFallback?: boolean;
   tagStride?: number;
   tagOffset?: number;
+  sharedRegions?: SharedRegion[];
   log?: (line: string) => void;
+}
+
+/** A file mapped shared and registered with REG_BUF: its index, and where it is in this process. */
+interface SharedRegion {
+  index: number;
+  address: number;
+  length: number;
+}
+
+/** Files a shared region may be: the queue reads it through one Buffer view (MAX_VIEW_BYTES). */
+export const MAX_SHARED_BYTES = 2 ** 30;
+
+/**
+ * Maps each file shared and registers it (REG_BUF, UBLK_F_SHMEM_ZC): the kernel pins its pages and
+ * matches O_DIRECT requests whose pages lie in it. Before START_DEV, so the disk's first request
+ * can already match. The mappings stay for the life of the process (ServerOptions.sharedFiles).
+ */
+function registerShared(ctrl: UblkControl, devId: number, files: readonly string[]): SharedRegion[] {
+  return files.map((path) => {
+    const fd = openSync(path, 'r+');
+    let m: Mapping;
+    try {
+      const size = fstatSync(fd).size;
+      if (size === 0 || size % PAGE_SIZE !== 0 || size > MAX_SHARED_BYTES) {
+        throw new UblkError(`shared file ${path}: its size (${size} bytes) must be a multiple of the page size (${PAGE_SIZE}), from one page to 1 GiB`);
+      }
+      m = Mapping.file(fd, size, 0);
+    } finally {
+      closeSync(fd);
+    }
+    return { index: ctrl.regBuf(devId, m.address, m.length), address: m.address, length: m.length };
+  });
 }
 
 const writeStderr = (line: string) => { process.stderr.write(`${line}\n`); };
@@ -528,6 +571,7 @@ function spawnQueue(o: SpawnOptions): QueueThread {
     forceRegFallback: process.env.UBLK_TEST_FORCE_REG_FALLBACK === '1',
     tagStride: o.tagStride,
     tagOffset: o.tagOffset,
+    sharedRegions: o.sharedRegions,
     targetUrl: o.targetUrl,
     targetOptions: o.targetOptions,
     wakeFd,

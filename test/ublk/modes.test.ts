@@ -20,8 +20,9 @@ t.test('dataPathOf names the mode of negotiated flags, ignoring flags that are n
   // Batch I/O is how requests travel, not where data is: the data path is named without it.
   t.equal(dataPathOf(UBLK_F_BATCH_IO).name, 'copy');
   t.equal(dataPathOf(UBLK_F_BATCH_IO | UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY).name, 'auto_zc');
-  // Another server's device in a mode we do not serve: named by its bits, not mistaken for copy.
-  t.equal(dataPathOf(UBLK_F_SHMEM_ZC).name, 'flags 0x80000');
+  // Shared-memory zero copy applies request by request: the device's data path is the rest.
+  t.equal(dataPathOf(UBLK_F_SHMEM_ZC).name, 'copy');
+  t.equal(dataPathOf(UBLK_F_SHMEM_ZC | UBLK_F_USER_COPY).name, 'user_copy');
   t.end();
 });
 

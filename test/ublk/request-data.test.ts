@@ -150,6 +150,33 @@ t.test('fixed buffers: SQEs name the request\'s own pages; memory copies only wi
   t.end();
 });
 
+t.test('a request in a shared region (UBLK_IO_F_SHMEM_ZC): its data is there in every mode, and nothing is copied out', (t) => {
+  const region = Mapping.anonymous(16 * 4096);
+  t.teardown(() => region.unmap());
+  const whole = region.bytes();
+  for (const home of [DataHome.TagBuffer, DataHome.UserCopy, DataHome.FixedBuffer]) {
+    const { d, kernel, tagBuf } = setup(t, home, true);
+    d.beginShared(2, UBLK_IO_OP_READ, 8192, whole, region.address, 4096);
+    t.ok(d.isShared(2));
+    const src = randomBytes(4096);
+    t.equal(d.copyToRequest(2, src, 4096), 4096);
+    t.ok(region.bytes(8192, 4096).equals(src), `home ${home}: memcpy into the region at the request's offset`);
+    t.ok(kernel(2, 4096).every((x) => x === 0) && tagBuf(2, 4096).every((x) => x === 0), 'neither the kernel side nor the tag buffer touched');
+    t.equal(d.buffer(2).length, 8192);
+    t.equal(d.buffer(2).buffer, whole.buffer, 'buffer: a view of the region');
+    const s = sqe();
+    d.prepReadInto(s, 0, 2, 7, 0, 512, 1024);
+    t.equal(s[0]! & 0xff, uringAbi.IORING_OP_READ, 'a plain READ, even in the fixed-buffer mode');
+    t.equal(field(s, uringAbi.io_uring_sqe.addr), region.address + 4096 + 512);
+    t.notOk(d.copiesOut(2), 'no copy out before the commit');
+    t.equal(d.finish(2, 8192), 8192);
+    // The tag's next request is an ordinary one again.
+    d.begin(2, UBLK_IO_OP_READ, 4096);
+    t.notOk(d.isShared(2));
+  }
+  t.end();
+});
+
 t.test('targets in user-copy mode through the harness: mem and loop keep their data', (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'ublk-rd-t-'));
   const charFd = openSync(join(dir, 'chardev'), 'w+');

@@ -21,12 +21,13 @@
 import t from 'tap';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { release } from 'node:os';
+import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { UblkControl } from '../../src/ublk/control.js';
 import { DATA_PATH_MODES, modeAvailable } from '../../src/ublk/modes.js';
-import { UBLK_F_AUTO_BUF_REG, UBLK_F_BATCH_IO, UBLK_F_NEED_GET_DATA, UBLK_F_PER_IO_DAEMON, UBLK_F_SUPPORT_ZERO_COPY, UBLK_F_USER_COPY } from '../../src/ublk/abi.js';
+import { UBLK_F_AUTO_BUF_REG, UBLK_F_BATCH_IO, UBLK_F_SHMEM_ZC, UBLK_F_NEED_GET_DATA, UBLK_F_PER_IO_DAEMON, UBLK_F_SUPPORT_ZERO_COPY, UBLK_F_USER_COPY } from '../../src/ublk/abi.js';
 import {
-  addDevice, alive, exists, ext4RoundTrip, fioBackground, fioJob, fioVerify, killServer, listed, serverPid, sleep, ublk, ublkIds, waitFor,
+  EXT, nodeArgsFor, addDevice, alive, exists, ext4RoundTrip, fioBackground, fioJob, fioVerify, killServer, listed, serverPid, sleep, ublk, ublkIds, waitFor,
   noDeviceLeftBehind,
 } from './helpers.js';
 
@@ -211,4 +212,67 @@ for (const mode of MODES.filter((m) => only === undefined || m.label.includes(on
       t.end();
     });
   }
+}
+
+/**
+ * Shared-memory zero copy (--shmem_zc --htlb FILE, UBLK_F_SHMEM_ZC, 7.1): a client maps the file
+ * the server registered and does O_DIRECT I/O from its pages (fixtures/shmem-client.ts). The
+ * kernel must match them (the server logs its first in-place request), the data must come back
+ * whole through shared pages and through private ones (those go the copy path), on mem and loop,
+ * with and without batch I/O. On a kernel without it, one line naming 7.1 and no device.
+ */
+const CLIENT = new URL(`./fixtures/shmem-client${EXT}`, import.meta.url);
+const SHM = '/dev/shm/ublk-modes-shm.img';
+if ((only === undefined || 'shmem_zc'.includes(only)) && !(kernelFeatures & UBLK_F_SHMEM_ZC)) {
+  t.test('shmem_zc (--shmem_zc --htlb FILE): this kernel lacks it, and add says which kernel added it', (t) => {
+    writeFileSync(SHM, '');
+    truncateSync(SHM, 16 * MiB);
+    const before = ublkIds();
+    const r = ublk('add', '-t', 'null', '--shmem_zc', '--htlb', SHM);
+    t.equal(r.code, 1, 'add fails');
+    t.match(r.stderr, /needs (UBLK_F_SHMEM_ZC \()?Linux 7\.1/, r.stderr);
+    t.equal(r.stderr.trim().split('\n').length, 1, 'in one line');
+    t.same(ublkIds(), before, 'no device was made');
+    rmSync(SHM, { force: true });
+    t.end();
+  });
+} else if (only === undefined || 'shmem_zc'.includes(only)) {
+  const cases: Array<{ label: string; args: () => string[]; bs: number; qd: number }> = [
+    { label: 'mem', args: () => ['-t', 'mem', '-s', '64M'], bs: 64 * 1024, qd: 8 },
+    { label: 'loop', args: () => ['-t', 'loop', '-f', backing()], bs: 4096, qd: 16 },
+    { label: 'loop, batch I/O (-b)', args: () => ['-t', 'loop', '-f', backing(), '-b'], bs: 128 * 1024, qd: 4 },
+  ];
+  for (const c of cases) {
+    t.test(`shmem_zc, ${c.label}: O_DIRECT from the shared file's pages is served in place and reads back whole, shared and private`, (t) => {
+      writeFileSync(SHM, '');
+      truncateSync(SHM, 16 * MiB);
+      t.teardown(() => rmSync(SHM, { force: true }));
+      const id = addDevice(...c.args(), '--shmem_zc', '--htlb', SHM);
+      const d = JSON.parse(ublk('list', '-n', String(id), '--json').stdout)[0] as { shmem_zc: boolean; shared_files: string[]; log: string; flags: number };
+      t.ok(d.shmem_zc && d.flags & UBLK_F_SHMEM_ZC, 'list --json: shmem_zc, and the kernel kept the flag');
+      t.same(d.shared_files, [SHM], 'list --json names the shared file');
+      const total = 8 * MiB;
+      const r = spawnSync(process.execPath, [...nodeArgsFor(CLIENT), `/dev/ublkb${id}`, SHM, String(total), String(c.bs), String(c.qd)], { encoding: 'utf8' });
+      const out = r.status === 0 ? JSON.parse(r.stdout) as { written: number; verifiedShared: number; verifiedPrivate: number; errors: number } : undefined;
+      t.same(out, { written: total, verifiedShared: total, verifiedPrivate: total, errors: 0 }, `client: ${r.stdout}${r.stderr}`);
+      t.match(readFileSync(d.log, 'utf8'), /served in place from shared buffer 0 \(UBLK_IO_F_SHMEM_ZC\)/, 'the kernel matched the client\'s pages');
+      t.equal(ublk('del', '-n', String(id)).code, 0, 'del');
+      t.end();
+    });
+  }
+  t.test('shmem_zc: usage errors make no device', (t) => {
+    const before = ublkIds();
+    t.match(ublk('add', '-t', 'null', '--shmem_zc').stderr, /--shmem_zc needs --htlb FILE/);
+    t.match(ublk('add', '-t', 'null', '--shmem_zc', '--htlb', '/nonexistent').stderr, /--htlb \/nonexistent: ENOENT/);
+    t.same(ublkIds(), before);
+    t.end();
+  });
+}
+
+/** A fresh 64 MiB backing file for loop. */
+function backing(): string {
+  const file = join(work, `shmem-${Date.now()}.img`);
+  writeFileSync(file, '');
+  truncateSync(file, 64 * MiB);
+  return file;
 }
