@@ -13,7 +13,7 @@
  * target with the kernel's loop driver (losetup --direct-io=on) over the same file (on tmpfs, and
  * on ext4 on a RAM disk), and our mem target with brd, at 1 queue and QD 1, 32 and 128.
  *
- *   npm run bench:ublk -- [--suite all|null|loop|cost|modes] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
+ *   npm run bench:ublk -- [--suite all|null|loop|cost|modes|shmem] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
  *   modes suite: [--mode copy,user_copy,zero_copy,auto_zc,copy+b,auto_zc+b] [--targets null,mem,loop-tmpfs,loop-ext4] [--qds 1,32,128] [--queues 1,2] [--threads 1,2]
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
@@ -360,6 +360,65 @@ async function modesSuite(): Promise<Record<string, number>> {
   return o;
 }
 
+/**
+ * `--suite shmem`: shared-memory zero copy (--shmem_zc, 7.1). A mem device with --shmem_zc over
+ * a file in /dev/shm, the same mem without it, and brd, each driven by bench/shmem-load.ts with
+ * its I/O buffers in that file's pages (fio cannot be such a client), 4k randread and randwrite
+ * at `--qds` (default 1,32), interleaved, medians of --rounds. Only the --shmem_zc device can
+ * match the client's pages; the client's own cost is in every column alike.
+ */
+async function shmemSuite(): Promise<Record<string, number>> {
+  const size = 256;
+  const rounds = Number(opt('--rounds', '3'));
+  const qds = opt('--qds', '1,32').split(',').map(Number);
+  const shm = '/dev/shm/ublk-bench-shm.img';
+  sh('truncate', ['-s', '16M', shm]);
+  spawnSync('rmmod', ['brd']);
+  sh('modprobe', ['-d', KROOT, 'brd', 'rd_nr=1', `rd_size=${size * 1024}`]);
+  const zc = ublkAdd(['-t', 'mem', '-s', `${size}M`, '--shmem_zc', '--htlb', shm]);
+  const copy = ublkAdd(['-t', 'mem', '-s', `${size}M`]);
+  const devs: Array<[string, string]> = [['shmem_zc', `ublkb${zc}`], ['copy', `ublkb${copy}`], ['brd', 'ram0']];
+  for (const [, d] of devs) {
+    setNone(d);
+    sh('dd', ['if=/dev/urandom', `of=/dev/${d}`, 'bs=1M', `count=${size}`, 'oflag=direct', 'status=none']);
+  }
+  const load = (d: string, rw: string, qd: number): number => {
+    const r = sh(process.execPath, ['--import', 'tsx', join(root, 'bench', 'shmem-load.ts'), `/dev/${d}`, String(size * 2 ** 20), shm, rw, String(qd), String(seconds)]);
+    return (JSON.parse(r) as { iops: number }).iops;
+  };
+  const { put, median: m } = sampleSet();
+  for (let round = 1; round <= rounds; round++) {
+    for (const rw of ['randread', 'randwrite']) {
+      for (const qd of qds) {
+        for (const [side, d] of devs) {
+          const iops = load(d, rw, qd);
+          put(`${rw} ${qd} ${side}`, iops);
+          process.stderr.write(`bench: round ${round}/${rounds} ${rw} QD${qd} ${side}: ${Math.round(iops)} IOPS\n`);
+        }
+      }
+    }
+  }
+  const log = (JSON.parse(sh(process.execPath, [join(root, 'bin', 'ublk.js'), 'list', '-n', String(zc), '--json'])) as Array<{ log: string }>)[0]!.log;
+  const matched = readFileSync(log, 'utf8').includes('UBLK_IO_F_SHMEM_ZC');
+  ublkDel(zc);
+  ublkDel(copy);
+  spawnSync('rmmod', ['brd']);
+  spawnSync('rm', ['-f', shm]);
+  console.log(`\nShared-memory zero copy, mem vs brd, ${header().replace('fio io_uring 4k', 'bench/shmem-load.ts 4k O_DIRECT from a /dev/shm file')}, median of ${rounds} interleaved rounds; the kernel matched the client's pages: ${matched ? 'yes' : 'NO'}\n`);
+  console.log('| workload | QD | brd IOPS | mem (copy) IOPS | / brd | mem --shmem_zc IOPS | / brd | / copy |');
+  console.log('|---|---|---|---|---|---|---|---|');
+  const o: Record<string, number> = {};
+  for (const rw of ['randread', 'randwrite']) {
+    for (const qd of qds) {
+      const v = (side: string) => m(`${rw} ${qd} ${side}`);
+      console.log(`| ${rw} | ${qd} | ${k(v('brd'))} | ${k(v('copy'))} | **${(v('copy') / v('brd')).toFixed(2)}x** | ${k(v('shmem_zc'))} | **${(v('shmem_zc') / v('brd')).toFixed(2)}x** | ${(v('shmem_zc') / v('copy')).toFixed(2)}x |`);
+      o[`shmem_mem_${rw}_qd${qd}_vs_brd`] = Number((v('shmem_zc') / v('brd')).toFixed(3));
+      o[`shmem_mem_${rw}_qd${qd}_vs_copy`] = Number((v('shmem_zc') / v('copy')).toFixed(3));
+    }
+  }
+  return o;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The cost suite: what one request costs our server (issue 12)
 // ---------------------------------------------------------------------------------------------
@@ -644,4 +703,5 @@ if (suite === 'all' || suite === 'null') Object.assign(out, await nullSuite());
 if (suite === 'all' || suite === 'loop') Object.assign(out, await loopSuite());
 if (suite === 'cost') Object.assign(out, await costSuite());
 if (suite === 'modes') Object.assign(out, await modesSuite());
+if (suite === 'shmem') Object.assign(out, await shmemSuite());
 if (json) console.log(JSON.stringify(out));

@@ -79,9 +79,9 @@ const MODES: ModeCase[] = [
     short: ['kill', 'recover'],
   },
   // Batch I/O: how requests travel, with each data path (the kernel refuses only -g next to it).
-  { label: 'batch', name: 'copy', args: ['-b'], flag: UBLK_F_BATCH_IO, since: '7.0', batch: true },
-  { label: 'batch + user_copy', name: 'user_copy', args: ['-b', '-u'], flag: UBLK_F_BATCH_IO, since: '7.0', batch: true, short: [] },
-  { label: 'batch + zero_copy', name: 'zero_copy', args: ['-b', '-z'], flag: UBLK_F_BATCH_IO, since: '7.0', batch: true, short: ['mem'] },
+  { label: 'batch', name: 'copy', args: ['-b'], flag: UBLK_F_BATCH_IO, since: '7.0', batch: true, short: ['kill', 'recover'] },
+  { label: 'batch + user_copy', name: 'user_copy', args: ['-b', '-u'], flag: UBLK_F_BATCH_IO, since: '7.0', batch: true, short: ['mem'] },
+  { label: 'batch + zero_copy', name: 'zero_copy', args: ['-b', '-z'], flag: UBLK_F_BATCH_IO, since: '7.0', batch: true, short: [] },
   {
     label: 'batch + auto_zc', name: 'auto_zc', args: ['-b', '--auto_zc'], flag: UBLK_F_BATCH_IO, since: '7.0', batch: true, zc: true,
     short: ['kill'],
