@@ -27,9 +27,6 @@ import { RunDir } from './run-dir.js';
 import { checkName, deviceNamed, saveDevice } from './saved.js';
 import { serve, type ServeConfig, type ServeReport } from './serve.js';
 
-/** kublk spellings of features this server does not have yet: refused by name, never mistaken for ours. */
-const NOT_YET = (what: string) => `${what} is not supported by this server yet`;
-
 export const ADD_OPTIONS: readonly OptionSpec[] = [
   { key: 'type', names: ['-t', '--type'], kind: 'string' },
   { key: 'devId', names: ['-n', '--number'], kind: 'count', min: 0, max: UBLK_MAX_DEV_ID },
