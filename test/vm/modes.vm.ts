@@ -1,6 +1,6 @@
 /**
  * The data-path modes (src/ublk/modes.ts) on a real kernel, each on loop and mem: fio write +
- * crc32c verify through UBLK_MODES_MIB MiB (32 in `npm test`; UBLK_MODES_FULL=1 sets 256, the
+ * crc32c verify through UBLK_MODES_MIB MiB (16 in `npm test`; UBLK_MODES_FULL=1 sets 256, the
  * full count, and also runs what `npm test` leaves out to stay within its time: each case's
  * `short` list says which of its tests run by default, the others repeating a path another case
  * covers) at 4k and 128k, QD 1 and 64; `ublk list` shows the mode and the
@@ -33,7 +33,7 @@ import {
 
 const MiB = 2 ** 20;
 const FULL = process.env.UBLK_MODES_FULL === '1';
-const TOTAL = Number(process.env.UBLK_MODES_MIB ?? (FULL ? 256 : 32)) * MiB;
+const TOTAL = Number(process.env.UBLK_MODES_MIB ?? (FULL ? 256 : 16)) * MiB;
 const work = mkdtempSync('/tmp/ublk-modes-');
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
 
