@@ -20,7 +20,7 @@ import {
 } from '../ublk/abi.js';
 import { DATA_PATH_MODES, dataPathOf, dataPathProblem, releaseAtLeast, type DataPathMode } from '../ublk/modes.js';
 import { isPowerOfTwo, MAX_IO_BYTES, MIN_IO_BYTES, specProblem } from '../ublk/params.js';
-import { DEFAULT_MAX_IO_BYTES, MAX_SHARED_BYTES, UBLK_MAX_DEV_ID } from '../ublk/server.js';
+import { DEFAULT_MAX_IO_BYTES, UBLK_MAX_DEV_ID, sharedSizeProblem } from '../ublk/server.js';
 import { loadTarget, targetNames } from '../targets/index.js';
 import { parseOptions, UsageError, type OptionSpec } from '../targets/options.js';
 import { RunDir } from './run-dir.js';
@@ -335,7 +335,7 @@ function sharedFiles(values: Record<string, unknown>): string[] | undefined {
   } catch (e) {
     throw new UsageError(`--htlb ${file}: ${(e as Error).message}`);
   }
-  if (!st.isFile() || st.size === 0 || st.size % PAGE_SIZE !== 0 || st.size > MAX_SHARED_BYTES) {
+  if (!st.isFile() || sharedSizeProblem(st.size)) {
     throw new UsageError(`--htlb ${file} must be a regular file whose size is a multiple of the page size (${PAGE_SIZE}), from one page to 1 GiB; it is ${st.size} bytes`);
   }
   return [resolve(file)];

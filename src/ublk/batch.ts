@@ -27,7 +27,7 @@
  * is unmapped only after the queue's thread exited, like the tag buffers themselves: the kernel
  * writes fetched tags into it from task work of that thread.
  */
-import { BufRing, IoUring, Mapping, PAGE_SIZE, libc, abi as uringAbi, setUserData2 } from '../uring/index.js';
+import { BufRing, IoUring, Mapping, PAGE_SIZE, libc, abi as uringAbi, setU64, setUserData2 } from '../uring/index.js';
 import {
   UBLK_U_IO_PREP_IO_CMDS, UBLK_U_IO_COMMIT_IO_CMDS, UBLK_BATCH_F_HAS_BUF_ADDR, UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK,
   ublk_elem_header,
@@ -83,6 +83,8 @@ export class BatchCommands {
   /** UBLK_BATCH_F_* of PREP and COMMIT. */
   private readonly flags: number;
   private readonly view: DataView;
+  /** The same memory as u32 words, for the 64-bit buffer address (setU64: no BigInt per element). */
+  private readonly words: Uint32Array;
   private readonly groups: BufRing[] = [];
   private readonly tags16: Uint16Array;
   /** Per fetch group: bytes of its buffer already read (the kernel fills it incrementally). */
@@ -105,6 +107,7 @@ export class BatchCommands {
     if (o.mem.length < this.layout.total) throw new RangeError(`batch memory: ${o.mem.length} bytes, ${this.layout.total} needed`);
     this.flags = (o.bufferAddress ? UBLK_BATCH_F_HAS_BUF_ADDR : 0) | (o.autoRegFallback ? UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK : 0);
     this.view = o.mem.view;
+    this.words = o.mem.u32;
     this.tags16 = new Uint16Array(o.mem.buffer, this.fetchBase(0), (BATCH_FETCHES * this.layout.fetchBytes) / 2);
     try {
       for (let g = 0; g < BATCH_FETCHES; g++) this.groups.push(new BufRing(o.ring, g, 1, uringAbi.IOU_PBUF_RING_INC));
@@ -134,7 +137,7 @@ export class BatchCommands {
     v.setUint16(at + ublk_elem_header.tag, tag, true);
     v.setUint16(at + ublk_elem_header.buf_index, this.o.autoRegIndex ? this.o.autoRegIndex(tag) : 0, true);
     v.setInt32(at + ublk_elem_header.result, result, true);
-    if (this.o.bufferAddress) v.setBigUint64(at + ublk_elem_header.SIZE, BigInt(this.o.bufferAddress(tag)), true);
+    if (this.o.bufferAddress) setU64(this.words, (at + ublk_elem_header.SIZE) / 4, this.o.bufferAddress(tag));
   }
 
   /**
@@ -237,8 +240,9 @@ export class BatchCommands {
 
   /**
    * A COMMIT_IO_CMDS CQE for commit buffer `b`: frees the buffer. If the kernel stopped short (a
-   * refused element, which ends its walk: res is the bytes before it, or the error if it was the
-   * first), returns the refused element's tag and error-free remainder is queued again; else -1.
+   * refused element ends its walk: res is the bytes before it, or the error if it was the first),
+   * the elements after the refused one are queued again, and the refused tag is returned with the
+   * error (0 when the kernel did not say); undefined if it took them all.
    */
   committed(b: number, res: number): { refusedTag: number; error: number } | undefined {
     this.busy[b] = 0;

@@ -645,10 +645,8 @@ export class UblkQueue implements QueueContext {
     }
     if (this.batch) {
       // [COMMIT] batch I/O: gathered, and sent in one COMMIT_IO_CMDS at the next enter (flushCommits).
-      this.serving--;
-      this.deferred[tag] = 0;
       this.batch.add(tag, res);
-      this.served++;
+      this.answered(tag);
     } else {
       this.commitInto(this.nextSqe(), tag, res);
     }
@@ -657,9 +655,14 @@ export class UblkQueue implements QueueContext {
 
   /** Prepares tag's COMMIT_AND_FETCH with `res` in SQE `w`; the request is no longer being served. */
   private commitInto(w: number, tag: number, res: number): void {
+    this.prepCmd(w, UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, res);
+    this.answered(tag);
+  }
+
+  /** Tag's answer is on its way to the kernel: the request is no longer being served. */
+  private answered(tag: number): void {
     this.serving--;
     this.deferred[tag] = 0;
-    this.prepCmd(w, UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, res);
     this.served++;
   }
 

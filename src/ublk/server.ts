@@ -529,6 +529,12 @@ interface SharedRegion {
 /** Files a shared region may be: the queue reads it through one Buffer view (MAX_VIEW_BYTES). */
 export const MAX_SHARED_BYTES = 2 ** 30;
 
+/** Why a file of `size` bytes cannot be a shared region (REG_BUF wants whole pages), or undefined. */
+export function sharedSizeProblem(size: number): string | undefined {
+  if (size > 0 && size % PAGE_SIZE === 0 && size <= MAX_SHARED_BYTES) return undefined;
+  return `its size (${size} bytes) must be a multiple of the page size (${PAGE_SIZE}), from one page to 1 GiB`;
+}
+
 /**
  * Maps each file shared and registers it (REG_BUF, UBLK_F_SHMEM_ZC): the kernel pins its pages and
  * matches O_DIRECT requests whose pages lie in it. Before START_DEV, so the disk's first request
@@ -540,14 +546,18 @@ function registerShared(ctrl: UblkControl, devId: number, files: readonly string
     let m: Mapping;
     try {
       const size = fstatSync(fd).size;
-      if (size === 0 || size % PAGE_SIZE !== 0 || size > MAX_SHARED_BYTES) {
-        throw new UblkError(`shared file ${path}: its size (${size} bytes) must be a multiple of the page size (${PAGE_SIZE}), from one page to 1 GiB`);
-      }
+      const problem = sharedSizeProblem(size);
+      if (problem) throw new UblkError(`shared file ${path}: ${problem}`);
       m = Mapping.file(fd, size, 0);
     } finally {
       closeSync(fd);
     }
-    return { index: ctrl.regBuf(devId, m.address, m.length), address: m.address, length: m.length };
+    try {
+      return { index: ctrl.regBuf(devId, m.address, m.length), address: m.address, length: m.length };
+    } catch (e) {
+      m.unmap(); // a refused registration pinned nothing
+      throw e;
+    }
   });
 }
 
