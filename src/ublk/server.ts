@@ -330,7 +330,9 @@ export class UblkServer {
    * end with nothing outstanding and the server leaves. Resolves true once it has let go, false
    * if the device cannot be quiesced (no UBLK_F_QUIESCE, or the I/O did not drain in
    * `timeoutMs`): the caller must then leave with requests in flight, which on Linux 6.12 is
-   * only safe the way a crash does it (see serve.ts).
+   * only safe the way a crash does it (see serve.ts). Rejects, naming the queues, if they are
+   * still running `timeoutMs` after QUIESCE_DEV: the device is QUIESCED by then, so the caller
+   * can leave the way a crash does and the next server recovers it.
    */
   async handOver(timeoutMs = 10_000, log: (line: string) => void = () => undefined): Promise<boolean> {
     if (!(this.info.flags & UBLK_F_QUIESCE)) return false;
@@ -340,8 +342,19 @@ export class UblkServer {
       log(`device ${this.devId}: QUIESCE_DEV failed (${(e as Error).message})`);
       return false;
     }
-    // The fetches were aborted: the queues end on their own.
-    await this.finished.catch(() => undefined);
+    // The fetches were aborted: the queues end on their own. Seen once on 7.3 under fio (a
+    // server that had itself been started by an upgrade): one did not, and the server never
+    // left; a bound turns that into a crash-like exit with the evidence in the log.
+    const ended = this.queues.map(() => false);
+    this.queues.forEach((q, i) => void q.done.then(() => { ended[i] = true; }));
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<'late'>((r) => { timer = setTimeout(() => r('late'), timeoutMs); });
+    const outcome = await Promise.race([this.finished.then(() => 'done', () => 'done'), late]);
+    clearTimeout(timer);
+    if (outcome === 'late') {
+      const running = this.queues.filter((_, i) => !ended[i]).map((q) => q.qid);
+      throw new UblkError(`device ${this.devId}: QUIESCE_DEV succeeded, but queue(s) ${running.join(', ')} still run ${timeoutMs} ms later`);
+    }
     await this.leave();
     return true;
   }

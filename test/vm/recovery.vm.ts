@@ -215,9 +215,18 @@ while True:
   for (let i = 0; i < UPGRADES; i++) {
     await sleep(1000);
     const began = Date.now();
+    const before = serverPid(id);
     const r = ublk('upgrade', '-n', String(id));
     windows.push([began, Date.now()]);
     t.equal(r.code, 0, `upgrade ${i}: ${r.stderr.trim()}`);
+    if (r.code !== 0) {
+      // What the old server said is the only record of why it did not hand over.
+      const log = (listed(id) as unknown as { log?: string }).log;
+      if (log && existsSync(log)) t.comment(`server log:\n${readFileSync(log, 'utf8').split('\n').slice(-40).join('\n')}`);
+      // A server stuck in its hand-over would leave fio waiting forever: kill it, recover.
+      if (alive(before)) await killServer(t, id);
+      break;
+    }
     pids.push(serverPid(id));
   }
   await sleep(500);
@@ -225,10 +234,19 @@ while True:
   if (state(id) !== 'LIVE') t.equal(ublk('recover', '-n', String(id)).code, 0, 'recovered after a failed upgrade');
   probe.kill();
   process.kill(job.pid, 'SIGINT');
-  const f = await job.done;
+  let timer: NodeJS.Timeout | undefined;
+  const f = await Promise.race([job.done, new Promise<{ error: number; stderr: string }>((r) => {
+    timer = setTimeout(() => r({ error: -1, stderr: 'fio did not end within 60 s of SIGINT' }), 60_000);
+  })]);
+  clearTimeout(timer);
   const stalls = windows.map(([a, b]) => Math.max(0, ...slow.filter(([end]) => end >= a && end <= b + 500).map(([, ms]) => ms)));
   t.equal(f.error, 0, `fio: no I/O or verify error (${f.stderr.slice(-300)})`);
   t.equal(new Set(pids).size, UPGRADES + 1, `server pids ${pids.join(' -> ')}`);
+  // A hand-over whose queues did not end after QUIESCE_DEV leaves like a crash (server.ts,
+  // handOver) and the upgrade still works; say so, since it is not the path meant to run.
+  const log = (listed(id) as unknown as { log?: string }).log;
+  const late = log && existsSync(log) ? readFileSync(log, 'utf8').split('\n').filter((l) => l.includes('QUIESCE_DEV succeeded, but')) : [];
+  if (late.length) t.comment(`hand-overs that ended like a crash: ${late.join(' | ')}`);
   const sorted = [...stalls].sort((a, b) => a - b);
   t.comment(`upgrade (${quiesce ? 'QUIESCE_DEV' : 'leave + REISSUE'}): ${UPGRADES} upgrades, longest read per upgrade ${stalls.join(' ')} ms: median ${sorted[Math.floor(sorted.length / 2)]} ms, max ${sorted[sorted.length - 1]} ms`);
   t.equal(ublk('del', '-n', String(id)).code, 0);
