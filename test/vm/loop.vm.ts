@@ -16,6 +16,8 @@ import { loadTarget } from '../../src/targets/index.js';
 import { addDevice, alive, exists, ext4RoundTrip, fio, fioBackground, fioVerify, ublk, ublkIds, waitFor, noDeviceLeftBehind } from './helpers.js';
 
 const MiB = 2 ** 20;
+/** fio's volume per verify pass: 64 MiB in `npm test` (the VM time budget), UBLK_VERIFY_MIB=256 the full count. */
+const VERIFY = Number(process.env.UBLK_VERIFY_MIB ?? 64) * MiB;
 const work = mkdtempSync('/tmp/ublk-loop-');
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
 const { def: loop, url: LOOP_URL } = (await loadTarget('loop'))!;
@@ -50,14 +52,14 @@ const allocated = (file: string) => statSync(file).blocks * 512;
 
 for (const target of ['loop', 'mem'] as const) {
   for (const queues of [1, 2]) {
-    t.test(`${target}, ${queues} queue(s): fio randwrite + crc32c verify through 256 MiB, 4k and 64k, io_uring and libaio`, (t) => {
+    t.test(`${target}, ${queues} queue(s): fio randwrite + crc32c verify through ${VERIFY / MiB} MiB, 4k and 64k, io_uring and libaio`, (t) => {
       const file = target === 'loop' ? sparse(`verify-${queues}.img`, 256 * MiB) : '';
       const id = addDevice('-t', target, '-q', String(queues), ...(target === 'loop' ? ['-f', file] : ['-s', '256M']));
       const dev = `/dev/ublkb${id}`;
       for (const bs of ['4k', '64k']) {
         for (const engine of ['io_uring', 'libaio']) {
-          const r = fioVerify(dev, { bs, engine, jobs: queues, total: 256 * MiB });
-          t.ok(r.code === 0 && r.error === 0 && r.written === 256 * MiB && r.verified === 256 * MiB,
+          const r = fioVerify(dev, { bs, engine, jobs: queues, total: VERIFY });
+          t.ok(r.code === 0 && r.error === 0 && r.written === VERIFY && r.verified === VERIFY,
             `${bs} ${engine}: wrote ${r.written / MiB} MiB, verified ${r.verified / MiB} MiB, exit ${r.code}, error ${r.error}${r.code ? ` ${r.stderr.slice(-300)}` : ''}`);
         }
       }
@@ -66,8 +68,8 @@ for (const target of ['loop', 'mem'] as const) {
         // The last pass's data is in the file: a new device over it must verify without writing.
         // (Added in kublk's form: the backing file after the options.)
         const again = addDevice('-t', 'loop', '-q', '1', file);
-        const r = fioVerify(`/dev/ublkb${again}`, { bs: '64k', engine: 'libaio', jobs: queues, total: 256 * MiB, verifyOnly: true });
-        t.ok(r.code === 0 && r.error === 0 && r.verified === 256 * MiB, `after del and re-add the backing verifies: ${r.verified / MiB} MiB, exit ${r.code}, error ${r.error}`);
+        const r = fioVerify(`/dev/ublkb${again}`, { bs: '64k', engine: 'libaio', jobs: queues, total: VERIFY, verifyOnly: true });
+        t.ok(r.code === 0 && r.error === 0 && r.verified === VERIFY, `after del and re-add the backing verifies: ${r.verified / MiB} MiB, exit ${r.code}, error ${r.error}`);
         t.equal(ublk('del', '-n', String(again)).code, 0);
         rmSync(file);
       }
