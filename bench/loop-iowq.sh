@@ -1,6 +1,6 @@
 #!/bin/sh
 # Where loop on ext4 differs from loop on tmpfs, inside the VM:
-#   npm run vm -- sh bench/loop-iowq.sh            (MODES="--auto_zc -z" by default)
+#   npm run vm -- --kernel newest sh bench/loop-iowq.sh            (MODES="--auto_zc -z" by default)
 # For each data path and each backing (a 512 MiB file of random data on tmpfs, and a copy on
 # ext4 on a brd RAM disk), 4 s of fio 4 KiB randread and randwrite at QD 32 on a 1-queue loop
 # device, printing IOPS, the context switches of all the server's threads, and those of its
