@@ -154,11 +154,16 @@ export function fioVerify(dev: string, o: { bs: string; engine: string; jobs: nu
   }
 }
 
-export interface ListedDevice { dev_id: number; state: string; daemon_pid: number; server: boolean; flags: number; dev_capacity: number }
+export interface ListedDevice { dev_id: number; state: string; daemon_pid: number; server: boolean; flags: number; dev_capacity: number; log?: string }
 export function listed(id: number): ListedDevice {
   const r = ublk('list', '-n', String(id), '--json');
   if (r.code !== 0) throw new Error(`ublk list -n ${id}: ${r.stderr}`);
   return (JSON.parse(r.stdout) as ListedDevice[])[0]!;
+}
+/** What device `id`'s servers wrote to its log ('' if it has none, or it is gone). */
+export function deviceLog(id: number): string {
+  const log = listed(id).log;
+  return log && existsSync(log) ? readFileSync(log, 'utf8') : '';
 }
 export const serverPid = (id: number) => (JSON.parse(readFileSync(join(process.env.UBLK_RUN_DIR || '/run/ublk', `ublkb${id}.json`), 'utf8')) as { pid: number }).pid;
 export const state = (id: number) => { try { return listed(id).state; } catch { return 'GONE'; } };

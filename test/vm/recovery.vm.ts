@@ -16,7 +16,7 @@ import {
   UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_QUIESCE, UBLK_F_UPDATE_SIZE, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO,
   UBLK_F_SAFE_STOP_DEV,
 } from '../../src/ublk/abi.js';
-import { addDevice, alive, fioJob, killServer, listed, serverPid, sleep, state, ublk, ublkIds, waitFor, EXT, ROOT, noDeviceLeftBehind } from './helpers.js';
+import { addDevice, alive, deviceLog, fioJob, killServer, listed, serverPid, sleep, state, ublk, ublkIds, waitFor, EXT, ROOT, noDeviceLeftBehind } from './helpers.js';
 
 const MiB = 2 ** 20;
 const CYCLES = Number(process.env.UBLK_RECOVER_CYCLES ?? 2);
@@ -221,8 +221,7 @@ while True:
     t.equal(r.code, 0, `upgrade ${i}: ${r.stderr.trim()}`);
     if (r.code !== 0) {
       // What the old server said is the only record of why it did not hand over.
-      const log = (listed(id) as unknown as { log?: string }).log;
-      if (log && existsSync(log)) t.comment(`server log:\n${readFileSync(log, 'utf8').split('\n').slice(-40).join('\n')}`);
+      t.comment(`server log:\n${deviceLog(id).split('\n').slice(-40).join('\n')}`);
       // A server stuck in its hand-over would leave fio waiting forever: kill it, recover.
       if (alive(before)) await killServer(t, id);
       break;
@@ -244,8 +243,7 @@ while True:
   t.equal(new Set(pids).size, UPGRADES + 1, `server pids ${pids.join(' -> ')}`);
   // A hand-over whose queues did not end after QUIESCE_DEV leaves like a crash (server.ts,
   // handOver) and the upgrade still works; say so, since it is not the path meant to run.
-  const log = (listed(id) as unknown as { log?: string }).log;
-  const late = log && existsSync(log) ? readFileSync(log, 'utf8').split('\n').filter((l) => l.includes('QUIESCE_DEV succeeded, but')) : [];
+  const late = deviceLog(id).split('\n').filter((l) => l.includes('QUIESCE_DEV succeeded, but'));
   if (late.length) t.comment(`hand-overs that ended like a crash: ${late.join(' | ')}`);
   const sorted = [...stalls].sort((a, b) => a - b);
   t.comment(`upgrade (${quiesce ? 'QUIESCE_DEV' : 'leave + REISSUE'}): ${UPGRADES} upgrades, longest read per upgrade ${stalls.join(' ')} ms: median ${sorted[Math.floor(sorted.length / 2)]} ms, max ${sorted[sorted.length - 1]} ms`);
