@@ -9,8 +9,11 @@
 import t from 'tap';
 import http from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
+import { createRequire, syncBuiltinESMExports } from 'node:module';
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync, closeSync, writeSync, readSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { parseLongOptions, type AsyncHandlers, type AsyncTargetDefinition } from '../src/ublk/async-target.js';
 import type { DeviceSpec } from '../src/ublk/target.js';
 
@@ -348,5 +351,214 @@ t.test('http-disk', async (t) => {
     t.ok(await until(() => s.open.size === 1), 'the kept-alive one is open');
     await q.h.close?.();
     t.ok(await until(() => s.open.size === 0), 'and closed by close()');
+  });
+});
+
+// --- sparse-store ----------------------------------------------------------------------------
+
+const require = createRequire(import.meta.url);
+const fsCjs = require('node:fs') as { fsyncSync(fd: number): void; fdatasyncSync(fd: number): void };
+
+/** Runs f and returns the paths fsynced (or fdatasynced) meanwhile, whichever module called. */
+function fsyncsDuring(f: () => unknown): string[] {
+  const paths: string[] = [];
+  const { fsyncSync, fdatasyncSync } = fsCjs;
+  const spy = (orig: (fd: number) => void, kind: string) => (fd: number) => {
+    paths.push(`${kind} ${readlinkSync(`/proc/self/fd/${fd}`)}`);
+    orig(fd);
+  };
+  fsCjs.fsyncSync = spy(fsyncSync, 'fsync');
+  fsCjs.fdatasyncSync = spy(fdatasyncSync, 'fdatasync');
+  syncBuiltinESMExports(); // `import { fsyncSync } from 'node:fs'` in the example sees the spies
+  try {
+    f();
+  } finally {
+    fsCjs.fsyncSync = fsyncSync;
+    fsCjs.fdatasyncSync = fdatasyncSync;
+    syncBuiltinESMExports();
+  }
+  return paths.sort();
+}
+
+/** A chunk's file name. */
+const chunkFile = (i: number) => `c-${i.toString(16).padStart(10, '0')}`;
+
+t.test('sparse-store', async (t) => {
+  const mod = await load<{ default: Example; crc32c(buf: Uint8Array): number }>('sparse-store.mjs');
+  const store = mod.default;
+  const C = 64 * KiB;
+  const fresh = () => {
+    const dir = mkdtempSync(join(tmpdir(), 'sparse-store-'));
+    t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+    return dir;
+  };
+  const chunkFiles = (dir: string) => readdirSync(dir).filter((f) => f.startsWith('c-')).sort();
+
+  t.test('CRC32C', async (t) => {
+    t.equal(mod.crc32c(Buffer.from('123456789')), 0xe3069283, 'the standard check value');
+    t.equal(mod.crc32c(Buffer.alloc(32)), 0x8a9136aa, 'RFC 3720 B.4: 32 bytes of zeros');
+    t.equal(mod.crc32c(Buffer.alloc(32, 0xff)), 0x62a8ab43, 'RFC 3720 B.4: 32 bytes of ones');
+  });
+
+  t.test('options', async (t) => {
+    const dir = fresh();
+    await t.rejects(prepare(store, []), /needs --dir DIR/);
+    await t.rejects(prepare(store, ['--dir', dir]), /holds no store yet: give its size with --size/);
+    await t.rejects(prepare(store, ['--dir', dir, '--size', '1000']), /--size must be a multiple of 4K/);
+    await t.rejects(prepare(store, ['--dir', dir, '--size', '1M', '--chunk-kb', '48']), /--chunk-kb takes a power of two from 4 to 65536, got 48/);
+    await t.rejects(prepare(store, ['--dir', dir, '--size', '1M', '--chunks', '4']), /unknown option --chunks/);
+    const { spec } = await prepare(store, ['--dir', dir, '--size', '1M']);
+    t.match(spec, {
+      sizeBytes: MiB, logicalBlockSize: 4096, physicalBlockSize: 4096, volatileCache: true, fua: true,
+      discard: { granularity: C }, describe: { dir, chunkBytes: C },
+    });
+    t.same(JSON.parse(readFileSync(join(dir, 'sparse-store.json'), 'utf8')), { format: 1, sizeBytes: MiB, chunkBytes: C, blockBytes: 4096, checksum: 'crc32c' });
+    await t.rejects(prepare(store, ['--dir', dir, '--size', '2M']), /holds a store of 1048576 bytes in 64 KiB chunks: leave out --size and --chunk-kb/);
+    await t.rejects(prepare(store, ['--dir', dir, '--chunk-kb', '128']), /holds a store of 1048576 bytes in 64 KiB chunks/);
+    t.equal((await prepare(store, ['--dir', dir])).spec.sizeBytes, MiB, 'an existing store needs no --size');
+  });
+
+  t.test('writes read back; unwritten bytes are zeros and have no file', async (t) => {
+    const dir = fresh();
+    const { options, spec } = await prepare(store, ['--dir', dir, '--size', '1G']);
+    const q = await open(store, options, spec);
+    const data = randomBytes(3 * 4096);
+    t.equal(q.h.write(C - 4096, data, false), undefined, 'answered at once');
+    const far = randomBytes(4096);
+    q.h.write(512 * MiB, far, false);
+    t.same(chunkFiles(dir), [chunkFile(0), chunkFile(1), chunkFile(512 * MiB / C)], 'a file per chunk written, none for the rest');
+    t.same(await read(q, C - 4096, data.length), data, 'across a chunk boundary');
+    t.same(await read(q, 512 * MiB, 4096), far);
+    t.same(await read(q, 0, C - 4096), Buffer.alloc(C - 4096), 'the unwritten part of a chunk with a file');
+    t.same(await read(q, 4 * C, 2 * C), Buffer.alloc(2 * C), 'chunks with no file');
+    t.ok(statSync(join(dir, chunkFile(0))).blocks * 512 <= 3 * 4096, 'a chunk file takes the space of what was written in it (a sparse file)');
+    t.ok(statSync(join(dir, chunkFile(0))).size <= C + (C / 4096) * 4, 'data then 4 bytes per block');
+  });
+
+  t.test('a changed byte fails its block with EIO and a log line; other blocks still read', async (t) => {
+    const dir = fresh();
+    const { options, spec } = await prepare(store, ['--dir', dir, '--size', '1M']);
+    const q = await open(store, options, spec);
+    const data = randomBytes(3 * 4096);
+    q.h.write(5 * C, data, false);
+    const file = join(dir, chunkFile(5));
+    const flip = (pos: number) => {
+      const fd = openSync(file, 'r+');
+      const b = Buffer.alloc(1);
+      readSync(fd, b, 0, 1, pos);
+      b[0] = b[0]! ^ 0x10;
+      writeSync(fd, b, 0, 1, pos);
+      closeSync(fd);
+    };
+    flip(4096 + 1234); // a byte of block 1's data
+    const e = await failure(() => q.h.read(5 * C + 4096, Buffer.alloc(4096)));
+    t.equal(e?.code, 'EIO');
+    t.equal(q.lines.length, 1);
+    t.match(q.lines[0], new RegExp(`^sparse-store: checksum mismatch in ${file} block 1 \\(device bytes ${5 * C + 4096}\\+4096\\): stored 0x[0-9a-f]{8}, data gives 0x[0-9a-f]{8}; the read fails with EIO$`));
+    t.equal(q.counters[0], 1, 'checksumErrors');
+    t.same(await read(q, 5 * C, 4096), data.subarray(0, 4096), 'block 0 reads');
+    t.same(await read(q, 5 * C + 8192, 4096), data.subarray(8192), 'block 2 reads');
+    t.equal((await failure(() => q.h.read(5 * C, Buffer.alloc(3 * 4096))))?.code, 'EIO', 'a read that covers it fails whole');
+
+    flip(C + 2 * 4 + 3); // a bit of block 2's checksum
+    t.equal((await failure(() => q.h.read(5 * C + 8192, Buffer.alloc(4096))))?.code, 'EIO', 'a changed checksum fails too');
+    t.match(q.lines.at(-1), /block 2 /);
+
+    q.h.write(5 * C + 4096, data.subarray(4096, 8192), false);
+    t.same(await read(q, 5 * C + 4096, 4096), data.subarray(4096, 8192), 'rewriting the block heals it');
+  });
+
+  t.test('discard deletes the chunks it covers whole and zeros the rest; write-zeroes with NOUNMAP deletes nothing', async (t) => {
+    const dir = fresh();
+    const { options, spec } = await prepare(store, ['--dir', dir, '--size', '1M']);
+    const q = await open(store, options, spec);
+    const data = randomBytes(3 * C);
+    q.h.write(2 * C, data, false);
+    t.same(chunkFiles(dir), [chunkFile(2), chunkFile(3), chunkFile(4)]);
+    // From the middle of chunk 2 to the middle of chunk 4.
+    q.h.discard!(2 * C + C / 2, 2 * C);
+    t.same(chunkFiles(dir), [chunkFile(2), chunkFile(4)], 'chunk 3 is gone');
+    const expect = Buffer.from(data);
+    expect.fill(0, C / 2, 2 * C + C / 2);
+    t.same(await read(q, 2 * C, 3 * C), expect, 'zeros where discarded, the data elsewhere, every block checked');
+
+    q.h.writeZeroes!(4 * C, C, true);
+    t.same(chunkFiles(dir), [chunkFile(2), chunkFile(4)], 'NOUNMAP: chunk 4 stays');
+    q.h.writeZeroes!(2 * C, C, false);
+    t.same(chunkFiles(dir), [chunkFile(4)], 'without: chunk 2 goes');
+    t.same(await read(q, 0, MiB), Buffer.alloc(MiB), 'all zeros now');
+    q.h.discard!(8 * C, 2 * C);
+    t.same(chunkFiles(dir), [chunkFile(4)], 'discarding chunks with no file is fine');
+  });
+
+  t.test('two queues share the disk; FLUSH on one fsyncs what the other wrote, and DIR', async (t) => {
+    const dir = fresh();
+    const { options, spec } = await prepare(store, ['--dir', dir, '--size', '1M']);
+    const q0 = await open(store, options, spec, 0);
+    const q1 = await open(store, options, spec, 1);
+    const data = randomBytes(2 * C);
+    q0.h.write(0, data, false);
+    t.same(await read(q1, 0, 2 * C), data);
+    t.same(fsyncsDuring(() => q1.h.flush!()), [`fsync ${dir}`, `fsync ${join(dir, chunkFile(0))}`, `fsync ${join(dir, chunkFile(1))}`]);
+    t.same(fsyncsDuring(() => q0.h.flush!()), [], 'nothing written since: nothing to do');
+    q1.h.write(4096, data.subarray(0, 4096), false);
+    t.same(fsyncsDuring(() => q0.h.flush!()), [`fsync ${join(dir, chunkFile(0))}`], 'a rewrite: the file, not DIR');
+    t.same(fsyncsDuring(() => q0.h.write(3 * C, data.subarray(0, 4096), true)), [`fdatasync ${join(dir, chunkFile(3))}`, `fsync ${dir}`], 'FUA: at once, with DIR for a new file');
+    t.same(fsyncsDuring(() => q0.h.flush!()), [], 'and nothing left for FLUSH');
+    q0.h.discard!(3 * C, C);
+    t.same(fsyncsDuring(() => q1.h.flush!()), [`fsync ${dir}`], 'a deleted file: DIR');
+  });
+
+  t.test('two queue threads writing and reading the same blocks: no false checksum errors', async (t) => {
+    // Without the chunk locks, a read between another thread's data and checksum pwrites sees a
+    // mismatch (this test then fails within a few hundred ms).
+    const dir = fresh();
+    const { options, spec } = await prepare(store, ['--dir', dir, '--size', '1M']);
+    const code = `
+      const { workerData: w, parentPort } = require('node:worker_threads');
+      import(w.url).then(async ({ default: def }) => {
+        const lines = [];
+        const h = await def.open(w.options, { qid: w.qid, depth: 8, device: w.device, counters: new Float64Array(1), log: (l) => lines.push(l) });
+        let ops = 0, errors = 0, torn = 0;
+        const data = Buffer.alloc(4 * 4096);
+        for (const end = Date.now() + 300; Date.now() < end; ops++) {
+          h.write(((ops % 4) * 4096), Buffer.alloc(4096, w.qid * 64 + (ops % 64)), false);
+          try { h.read(0, data); } catch { errors++; continue; }
+          for (let b = 0; b < 4; b++) if (data.subarray(b * 4096, (b + 1) * 4096).some((x) => x !== data[b * 4096])) torn++;
+        }
+        parentPort.postMessage({ ops, errors, torn, lines: lines.slice(0, 3) });
+      });`;
+    const url = new URL('../examples/sparse-store.mjs', import.meta.url).href;
+    const { Worker } = await import('node:worker_threads');
+    const results = await Promise.all([0, 1].map((qid) => new Promise<{ ops: number; errors: number; torn: number; lines: string[] }>((resolve, reject) => {
+      const w = new Worker(code, { eval: true, workerData: { url, options, qid, device: spec.queueData } });
+      w.once('message', resolve);
+      w.once('error', reject);
+    })));
+    for (const [qid, r] of results.entries()) {
+      t.ok(r.ops > 100, `queue ${qid} did ${r.ops} write+read pairs`);
+      t.equal(r.errors, 0, `queue ${qid}: no EIO`, { lines: r.lines });
+      t.equal(r.torn, 0, `queue ${qid}: no block mixed from two writes`);
+    }
+  });
+
+  t.test('the disk outlives its server: close, prepare and open again', async (t) => {
+    const dir = fresh();
+    let { options, spec } = await prepare(store, ['--dir', dir, '--size', '4M', '--chunk-kb', '16']);
+    let q = await open(store, options, spec);
+    const data = randomBytes(256 * KiB);
+    q.h.write(MiB, data, false);
+    q.h.flush!();
+    await q.h.close?.();
+    spec.release?.();
+    ({ options, spec } = await prepare(store, ['--dir', dir]));
+    t.equal(spec.sizeBytes, 4 * MiB);
+    t.match(spec.describe, { chunkBytes: 16 * KiB });
+    q = await open(store, options, spec);
+    t.same(await read(q, MiB, data.length), data);
+    t.equal(chunkFiles(dir).length, 16, '256 KiB in 16 KiB chunks');
+    t.ok(existsSync(join(dir, chunkFile(MiB / (16 * KiB)))));
+    writeFileSync(join(dir, 'sparse-store.json'), 'garbage');
+    await t.rejects(prepare(store, ['--dir', dir]), /sparse-store\.json is not a store description this version reads/);
   });
 });
