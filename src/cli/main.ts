@@ -25,6 +25,7 @@ import { add, setDevicePrinter, startDetached } from './add.js';
 import { serve, type ServeConfig } from './serve.js';
 import { RunDir, type DeviceState } from './run-dir.js';
 import { deviceNamed, loadSaved, savedDevices } from './saved.js';
+import { replay } from './replay.js';
 
 const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -72,6 +73,9 @@ commands:
   list [-n ID] [-v] [--json]
                           show devices
   features [--json]       the ublk features this kernel supports
+  replay TRACE --to PATH [--until-flush N]
+                          apply a write trace (add -t fault --record TRACE) to a file or
+                          block device, up to the N-th FLUSH
   help [-t TYPE]          this text, or a target's own options
   --version               print the version
 
@@ -131,6 +135,8 @@ export async function main(argv: string[]): Promise<number> {
         return list(rest);
       case 'features':
         return features(rest);
+      case 'replay':
+        return replay(rest);
       case '__serve':
         // The detached server (add.ts starts it): its configuration comes as JSON.
         return await serve(JSON.parse(rest[0] ?? '{}') as ServeConfig);
