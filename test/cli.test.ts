@@ -21,7 +21,7 @@ t.test('--help, --version, help -t null', (t) => {
   const h = run('--help');
   t.equal(h.status, 0);
   t.match(h.stdout, /^usage: ublk <command>/);
-  t.match(h.stdout, /targets: null, loop, mem, or the path of a module/);
+  t.match(h.stdout, /targets: null, loop, mem, overlay, fault, or the path of a module/);
   t.same(run('--version').stdout, `ublk ${version}\n`);
   const n = run('help', '-t', 'null');
   t.equal(n.status, 0);
@@ -45,6 +45,8 @@ const usageErrors: Array<[string[], RegExp]> = [
   [['add', '-t', 'null', '--block-size', '3'], /--block-size must be 512, 1024, 2048 or 4096, got 3/],
   [['add', '-t', 'null', '--block-size', String(PAGE_SIZE * 2)], new RegExp(`--block-size must be .* or ${PAGE_SIZE}, got ${PAGE_SIZE * 2}`)],
   [['add', '-t', 'null', '--frob'], /null: unknown option --frob/],
+  [['add', '-t', 'overlay', '--base', 'b.img'], /overlay needs --overlay FILE/],
+  [['add', '-t', 'fault', '-f', 'x', '--error-at', 'x'], /fault: --error-at takes OFFSET\[:LENGTH\]\[:read\|write\|any\]/],
   [['add', '-t', 'null', '-q', '1', '-q', '2'], /add: -q given twice/],
   [['add', '-t', 'null', '-q', '1', '--queues=2'], /add: -q and --queues are the same option, given twice/],
   [['add', '-t', 'null', '-s', '1G', '--size', '2G'], /null: -s and --size are the same option/],

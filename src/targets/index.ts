@@ -13,6 +13,8 @@ const modules: Record<string, string> = {
   null: new URL(`./null${ext}`, import.meta.url).href,
   loop: new URL(`./loop${ext}`, import.meta.url).href,
   mem: new URL(`./mem${ext}`, import.meta.url).href,
+  overlay: new URL(`./overlay${ext}`, import.meta.url).href,
+  fault: new URL(`./fault${ext}`, import.meta.url).href,
 };
 
 export const targetNames = Object.keys(modules);
