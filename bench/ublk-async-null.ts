@@ -8,7 +8,7 @@ import { UblkServer } from '../src/ublk/server.js';
 const queues = Number(process.argv[2] ?? 1);
 const server = await UblkServer.start({
   asyncTarget: {
-    sizeBytes: 250 * 2 ** 30,
+    device: { sizeBytes: 250 * 2 ** 30 },
     async read() {},
     async write() {},
   },

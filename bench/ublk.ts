@@ -13,7 +13,7 @@
  * target with the kernel's loop driver (losetup --direct-io=on) over the same file (on tmpfs, and
  * on ext4 on a RAM disk), and our mem target with brd, at 1 queue and QD 1, 32 and 128.
  *
- *   npm run bench:ublk -- [--suite all|null|loop|cost|modes|shmem] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
+ *   npm run bench:ublk -- [--suite all|null|loop|cost|modes|shmem|async] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
  *   modes suite: [--mode copy,user_copy,zero_copy,auto_zc,copy+b,auto_zc+b] [--targets null,mem,loop-tmpfs,loop-ext4] [--qds 1,32,128] [--queues 1,2] [--threads 1,2]
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
@@ -695,6 +695,79 @@ async function costSuite(): Promise<Record<string, number>> {
   return o;
 }
 
+/**
+ * `--suite async`: the same RAM disk written four ways, same boot, points interleaved, medians
+ * of `--rounds` (default 3) rounds: ring-native (`-t mem`), the async module served in the
+ * queue threads answering at once (examples/ramdisk.mjs), the same answering from the event
+ * loop (bench/ramdisk-loop.mjs: a setImmediate per request), and the same functions as closures
+ * of one process's main thread (bench/ublk-async-mem.ts: the cross-thread path). 1 and 2 queues
+ * (one fio job per queue), QD 1 and 32; QD 1 also gives the median and p99 latency.
+ */
+async function asyncSuite(): Promise<Record<string, number>> {
+  const rounds = Number(opt('--rounds', '3'));
+  const s = sampleSet();
+  const kinds = [
+    ['native', 'ring-native mem'],
+    ['module', 'async module, answers at once'],
+    ['loop', 'async module, answers from the event loop'],
+    ['main', 'async closures on the main thread'],
+  ] as const;
+  for (const queues of [1, 2]) {
+    const devs: Record<string, number> = {};
+    const stops: Array<() => Promise<void>> = [];
+    devs.native = ublkAdd(['-t', 'mem', '-s', '256M', '-q', String(queues), '-d', '128']);
+    devs.module = ublkAdd(['-t', join(root, 'examples', 'ramdisk.mjs'), '--size', '256M', '-q', String(queues), '-d', '128']);
+    devs.loop = ublkAdd(['-t', join(root, 'bench', 'ramdisk-loop.mjs'), '--size', '256M', '-q', String(queues), '-d', '128']);
+    const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'bench', 'ublk-async-mem.ts'), String(queues), '256'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    devs.main = (JSON.parse(await new Promise<string>((res) => createInterface({ input: child.stdout }).once('line', res))) as { devId: number }).devId;
+    stops.push(() => new Promise((res) => { child.once('exit', () => res()); child.kill('SIGTERM'); }));
+    for (const id of Object.values(devs)) setNone(`ublkb${id}`);
+    for (let round = 0; round < rounds; round++) {
+      for (const rw of ['randread', 'randwrite']) {
+        for (const qd of [1, 32]) {
+          for (const [kind] of kinds) {
+            const r = fio(`ublkb${devs[kind]}`, rw, qd, queues);
+            const key = `q${queues}_${rw}_qd${qd}_${kind}`;
+            s.put(`${key}_iops`, r.iops);
+            s.put(`${key}_p50`, r.p50);
+            s.put(`${key}_p99`, r.p99);
+            process.stderr.write(`bench: round ${round + 1}: ${key}: ${Math.round(r.iops)} IOPS, p50 ${r.p50.toFixed(0)} us\n`);
+          }
+        }
+      }
+    }
+    for (const [kind, id] of Object.entries(devs)) if (kind !== 'main') ublkDel(id);
+    for (const stop of stops) await stop();
+  }
+  console.log(`\nasync targets vs the ring-native mem target, ${header()}, medians of ${rounds} rounds\n`);
+  console.log(`| queues x jobs | workload | QD | ring-native IOPS | ${kinds.slice(1).map(([, label]) => `${label} IOPS (/ native)`).join(' | ')} |`);
+  console.log(`|---|---|---|---|${kinds.slice(1).map(() => '---').join('|')}|`);
+  const o: Record<string, number> = {};
+  for (const queues of [1, 2]) {
+    for (const rw of ['randread', 'randwrite']) {
+      for (const qd of [1, 32]) {
+        const v = (kind: string, what = 'iops') => s.median(`q${queues}_${rw}_qd${qd}_${kind}_${what}`);
+        const cols = kinds.slice(1).map(([kind]) => {
+          o[`async_q${queues}_${rw}_qd${qd}_${kind}_vs_native`] = Number((v(kind) / v('native')).toFixed(3));
+          return `${k(v(kind))} (**${(v(kind) / v('native')).toFixed(2)}x**)`;
+        });
+        console.log(`| ${queues} | ${rw} | ${qd} | ${k(v('native'))} | ${cols.join(' | ')} |`);
+      }
+    }
+  }
+  console.log('\nQD 1 completion latency, median / p99 (µs):\n');
+  console.log(`| queues | workload | ${kinds.map(([, label]) => label).join(' | ')} |`);
+  console.log(`|---|---|${kinds.map(() => '---').join('|')}|`);
+  for (const queues of [1, 2]) {
+    for (const rw of ['randread', 'randwrite']) {
+      const v = (kind: string, what: string) => s.median(`q${queues}_${rw}_qd1_${kind}_${what}`);
+      console.log(`| ${queues} | ${rw} | ${kinds.map(([kind]) => `${v(kind, 'p50').toFixed(0)} / ${v(kind, 'p99').toFixed(0)}`).join(' | ')} |`);
+      for (const [kind] of kinds) o[`async_q${queues}_${rw}_qd1_${kind}_p50_us`] = Math.round(v(kind, 'p50'));
+    }
+  }
+  return o;
+}
+
 const k = (n: number) => `${(n / 1000).toFixed(1)}k`;
 const header = () => `${process.env.UBLK_VM_PACKAGE}, ${readdirSync('/sys/devices/system/cpu').filter((d) => /^cpu\d+$/.test(d)).length} vCPUs, fio io_uring 4k, ${seconds} s per point, one boot`;
 const suite = opt('--suite', 'all');
@@ -704,4 +777,5 @@ if (suite === 'all' || suite === 'loop') Object.assign(out, await loopSuite());
 if (suite === 'cost') Object.assign(out, await costSuite());
 if (suite === 'modes') Object.assign(out, await modesSuite());
 if (suite === 'shmem') Object.assign(out, await shmemSuite());
+if (suite === 'async') Object.assign(out, await asyncSuite());
 if (json) console.log(JSON.stringify(out));

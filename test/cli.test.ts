@@ -156,7 +156,7 @@ t.test('-t PATH loads a target module; a module that is not a target is refused'
   writeFileSync(notTarget, 'export default { name: "x" };\n');
   let r = run('help', '-t', notTarget);
   t.equal(r.status, 2);
-  t.match(r.stderr, /is not a target module: its default export must be defineTarget/);
+  t.match(r.stderr, /is not a target module: its default export must be defineAsyncTarget/);
   const mod = join(work, 'tiny.mjs');
   writeFileSync(mod, 'export default { name: "tiny", usage: "  --tiny   a tiny option\\n", parseArgs: () => ({}), prepare: () => ({ sizeBytes: 4096 }), openQueue: () => ({ handle: (r) => r.length }) };\n');
   r = run('help', '-t', mod);

@@ -21,7 +21,8 @@ import {
 import { DATA_PATH_MODES, dataPathOf, dataPathProblem, releaseAtLeast, type DataPathMode } from '../ublk/modes.js';
 import { isPowerOfTwo, MAX_IO_BYTES, MIN_IO_BYTES, specProblem } from '../ublk/params.js';
 import { DEFAULT_MAX_IO_BYTES, UBLK_MAX_DEV_ID, sharedSizeProblem } from '../ublk/server.js';
-import { loadTarget, targetNames } from '../targets/index.js';
+import { loadTarget, resolveTargetModule, targetNames } from '../targets/index.js';
+import { parseTargetArgs } from '../ublk/async-target.js';
 import { parseOptions, UsageError, type OptionSpec } from '../targets/options.js';
 import { RunDir } from './run-dir.js';
 import { checkName, deviceNamed, saveDevice } from './saved.js';
@@ -37,6 +38,8 @@ export const ADD_OPTIONS: readonly OptionSpec[] = [
   { key: 'startTimeout', names: ['--start-timeout'], kind: 'count', min: 1, max: 86400 },
   // Ours: the low-latency mode (a queue spins up to N µs for the next request before sleeping).
   { key: 'spinUs', names: ['--spin-us'], kind: 'count', min: 0, max: 1_000_000 },
+  // Ours: log a request an async target has held this many milliseconds (it is not failed).
+  { key: 'requestTimeout', names: ['--request-timeout'], kind: 'count', min: 0, max: 86_400_000 },
   // Ours: declare the device under NAME (`ublk up NAME` makes it again), linked by that name.
   { key: 'save', names: ['--save'], kind: 'string' },
   // UBLK_F_BATCH_IO (7.0): requests come and go many per command (src/ublk/batch.ts). kublk's -b;
@@ -78,10 +81,19 @@ export async function add(argv: string[]): Promise<number> {
   const type = values.type as string | undefined;
   if (!type) throw new UsageError(`add needs -t TYPE (targets: ${targetNames.join(', ')}, or a module path)`);
   const t = await loadTarget(type);
-  if (!t) throw new UsageError(`unknown target '${type}' (targets: ${targetNames.join(', ')}, or a module path)`);
+  if (!t) throw new UsageError(`unknown target '${type}' (targets: ${targetNames.join(', ')}, a module path, or an installed package)`);
+  let targetOptions: unknown;
+  try {
+    targetOptions = parseTargetArgs(t.def, rest);
+  } catch (e) {
+    if (e instanceof UsageError) throw e;
+    throw new UsageError(`${type}: ${(e as Error).message} (\`ublk help -t ${type}\` shows its options)`);
+  }
   const cfg: ServeConfig & { flags: number } = {
-    target: type,
-    targetOptions: t.def.parseArgs(rest),
+    // A module is saved by absolute path: the server, recover and del may run elsewhere.
+    target: resolveTargetModule(type) ?? type,
+    targetOptions,
+    requestTimeoutMs: values.requestTimeout as number | undefined,
     devId: values.devId as number | undefined,
     queues: (values.queues as number | undefined) ?? 1,
     depth: (values.depth as number | undefined) ?? 128,
@@ -146,7 +158,7 @@ export async function add(argv: string[]): Promise<number> {
   // 3. The target's own checks, and the device's shape, before any device exists.
   let ok = false;
   try {
-    const spec = t.def.prepare(cfg.targetOptions);
+    const spec = await t.def.prepare(cfg.targetOptions);
     try {
       const problem = specProblem(spec, cfg.maxIoBytes ?? spec.maxIoBytes ?? DEFAULT_MAX_IO_BYTES);
       if (problem) throw new UblkError(`${type}: ${problem}`);

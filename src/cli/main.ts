@@ -164,8 +164,10 @@ async function help(argv: string[]): Promise<number> {
     return 0;
   }
   const t = await loadTarget(type);
-  if (!t) throw new UsageError(`unknown target '${type}' (targets: ${targetNames.join(', ')}, or a module path)`);
-  out(`ublk add -t ${type} [common options] [target options]\n\ntarget options:\n${t.def.usage}`);
+  if (!t) throw new UsageError(`unknown target '${type}' (targets: ${targetNames.join(', ')}, a module path, or an installed package)`);
+  const kind = 'kind' in t.def && t.def.kind === 'async' ? 'an async target' : 'a ring-native target';
+  const usage = t.def.usage ?? '';
+  out(`ublk add -t ${type} [common options] [target options]\n\n${t.def.name}: ${kind}${usage ? `\n\ntarget options:\n${usage}` : ' (no usage given: options are --name value)'}`);
   return 0;
 }
 
@@ -342,7 +344,7 @@ function requireId(cmd: string, values: Record<string, unknown>): number {
 function recoveryConfig(st: DeviceState): ServeConfig {
   return {
     target: st.target, targetOptions: st.targetOptions, devId: st.devId, queues: st.queues, depth: st.depth,
-    maxIoBytes: st.maxIoBytes, flags: st.flags, spinUs: st.spinUs, autoZcFallback: st.autoZcFallback, threadsPerQueue: st.threadsPerQueue, name: st.name, recover: true,
+    maxIoBytes: st.maxIoBytes, flags: st.flags, spinUs: st.spinUs, requestTimeoutMs: st.requestTimeoutMs, autoZcFallback: st.autoZcFallback, threadsPerQueue: st.threadsPerQueue, name: st.name, recover: true,
   };
 }
 

@@ -33,6 +33,7 @@ export interface DeviceState {
   flags?: number;
   /** --spin-us, kept by recover and upgrade. */
   spinUs?: number;
+  requestTimeoutMs?: number;
   /** --auto_zc_fallback, kept by recover and upgrade (the flag travels in each command, not in the device's flags). */
   autoZcFallback?: boolean;
   /** Threads per queue (--nthreads / --per_io_tasks), kept by recover and upgrade. */

@@ -47,6 +47,8 @@ export interface ServeConfig {
   flags?: number;
   /** --spin-us: the queues' low-latency spin (ServerOptions.spinUs). */
   spinUs?: number;
+  /** --request-timeout: report requests an async target holds longer (ServerOptions.requestTimeoutMs). */
+  requestTimeoutMs?: number;
   /** --auto_zc_fallback (ServerOptions.autoZcFallback). */
   autoZcFallback?: boolean;
   /** --nthreads / --per_io_tasks (ServerOptions.threadsPerQueue). */
@@ -153,7 +155,7 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   };
   try {
     const common = {
-      target: t.def, targetUrl: t.url, targetOptions: cfg.targetOptions, signal: abort.signal, force: force.signal, spinUs: cfg.spinUs, autoZcFallback: cfg.autoZcFallback,
+      target: t.def, targetUrl: t.url, targetOptions: cfg.targetOptions, signal: abort.signal, force: force.signal, spinUs: cfg.spinUs, requestTimeoutMs: cfg.requestTimeoutMs, autoZcFallback: cfg.autoZcFallback,
       threadsPerQueue: cfg.threadsPerQueue, sharedFiles: cfg.sharedFiles,
     };
     server = cfg.recover
@@ -181,7 +183,7 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
   }
   const state: DeviceState = {
     devId: id, target: cfg.target, targetOptions: cfg.targetOptions, queues: cfg.queues, depth: cfg.depth,
-    maxIoBytes: cfg.maxIoBytes, flags: cfg.flags, spinUs: cfg.spinUs, autoZcFallback: cfg.autoZcFallback, threadsPerQueue: cfg.threadsPerQueue, sharedFiles: cfg.sharedFiles, name: cfg.name, pid: process.pid, log: cfg.log, describe: server.spec.describe,
+    maxIoBytes: cfg.maxIoBytes, flags: cfg.flags, spinUs: cfg.spinUs, requestTimeoutMs: cfg.requestTimeoutMs, autoZcFallback: cfg.autoZcFallback, threadsPerQueue: cfg.threadsPerQueue, sharedFiles: cfg.sharedFiles, name: cfg.name, pid: process.pid, log: cfg.log, describe: server.spec.describe,
   };
   try {
     if (!abort.signal.aborted) runDir.writeState(state); // (a signal's stop is already removing the device)

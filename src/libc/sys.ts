@@ -196,6 +196,24 @@ export function eventfdSignal(fd: number): void {
 }
 
 /**
+ * Watches `fd` on the calling thread's libuv event loop, the way Node watches a socket
+ * (koffi.node.poll: uv_poll_init_socket on this thread's loop): `onReadable` runs from the loop
+ * whenever `fd` is readable, until the handle is closed. Close it before closing `fd`. A thread
+ * that waits for a ring's eventfd this way keeps running JavaScript meanwhile, which a thread
+ * blocked in io_uring_enter cannot.
+ */
+export function watchReadable(fd: number, onReadable: () => void): { close(): void } {
+  const handle = koffi.node.poll(fd, { readable: true }, () => onReadable());
+  let open = true;
+  return {
+    close() {
+      if (open) handle.close();
+      open = false;
+    },
+  };
+}
+
+/**
  * `ioctl(2)` with an address argument (the raw syscall: glibc's wrapper is variadic). `arg` is
  * memory we mapped, which the kernel reads or fills; `what` names the request in errors.
  */

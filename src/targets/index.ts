@@ -3,9 +3,12 @@
  * Each entry is the module URL the queue threads import (they load the target themselves), so
  * a target is one self-contained module.
  */
-import { isAbsolute, resolve } from 'node:path';
+import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import type { TargetDefinition } from '../ublk/target.js';
+import { isAsyncTarget, type AnyTargetDefinition, type AsyncTargetDefinition } from '../ublk/async-target.js';
 import { UsageError } from './options.js';
 
 const ext = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
@@ -19,30 +22,83 @@ const modules: Record<string, string> = {
 
 export const targetNames = Object.keys(modules);
 
-/** A `-t` value that names a module file rather than a built-in target. */
+/** A `-t` value that names a module file rather than a built-in target or a package. */
 export function isModulePath(name: string): boolean {
-  return name.includes('/') || /\.(m?js|ts)$/.test(name);
+  return name.startsWith('./') || name.startsWith('../') || name.startsWith('/') || /\.(m?js|cjs|ts|mts)$/.test(name);
+}
+
+/** A `-t` value that could be an npm package name (`my-disk`, `@me/my-disk`). */
+function isPackageName(name: string): boolean {
+  return /^(@[a-z0-9][\w.-]*\/)?[a-z0-9][\w.-]*$/i.test(name);
 }
 
 /**
- * The target called `name` and its module URL, or undefined for an unknown name. A name with a
- * slash (or ending in .js/.mjs/.ts) is a module of the user's whose default export is a
- * ring-native TargetDefinition; it is loaded by absolute URL, so the queue threads and a detached
- * server load the same file. (Experimental: the target interface is not yet declared stable.)
+ * The absolute path of the module `-t name` means, resolved from `fromDir` (the caller's working
+ * directory): a path as it is, a package name through node_modules as `import` would find it
+ * (its "exports" "import"/"default" entry, else "module" or "main"). Undefined for a built-in
+ * target name or a package that is not installed. The CLI saves this path, so a detached
+ * server, `ublk recover` and `ublk del` load the same file from any directory.
  */
-export async function loadTarget(name: string): Promise<{ def: TargetDefinition<unknown>; url: string } | undefined> {
-  let url = modules[name];
-  if (!url && isModulePath(name)) url = pathToFileURL(isAbsolute(name) ? name : resolve(name)).href;
-  if (!url) return undefined;
-  let mod: { default?: TargetDefinition<unknown> };
+export function resolveTargetModule(name: string, fromDir = process.cwd()): string | undefined {
+  if (modules[name]) return undefined;
+  if (isModulePath(name)) return isAbsolute(name) ? name : resolve(fromDir, name);
+  if (!isPackageName(name)) return undefined;
+  const require = createRequire(join(fromDir, 'noop.js'));
+  let pkgJson: string;
   try {
-    mod = (await import(url)) as { default?: TargetDefinition<unknown> };
+    pkgJson = require.resolve(`${name}/package.json`);
+  } catch {
+    try {
+      return require.resolve(name); // a package whose exports hide package.json
+    } catch {
+      return undefined;
+    }
+  }
+  const pkg = JSON.parse(readFileSync(pkgJson, 'utf8')) as { exports?: unknown; module?: string; main?: string };
+  const dir = dirname(pkgJson);
+  const entry = exportEntry(pkg.exports) ?? pkg.module ?? pkg.main ?? 'index.js';
+  return resolve(dir, entry);
+}
+
+/** The "." entry of a package.json "exports" for `import`: a string, or the import/node/default condition. */
+function exportEntry(exp: unknown): string | undefined {
+  if (typeof exp === 'string') return exp;
+  if (typeof exp !== 'object' || exp === null) return undefined;
+  const o = exp as Record<string, unknown>;
+  if ('.' in o) return exportEntry(o['.']);
+  for (const cond of ['import', 'node', 'default']) if (cond in o) return exportEntry(o[cond]);
+  return undefined;
+}
+
+/**
+ * The target called `name` and its module URL, or undefined for an unknown name. A built-in
+ * name, a path (`./my-disk.mjs`, see {@link isModulePath}) or an installed package name; a
+ * module's default export is a ring-native `defineTarget({...})` or an async
+ * `defineAsyncTarget({...})` (the stable target API, src/index.ts). It is loaded by absolute URL,
+ * so the queue threads and a detached server load the same file.
+ */
+export async function loadTarget(name: string): Promise<{ def: AnyTargetDefinition<unknown>; url: string } | undefined> {
+  let url = modules[name];
+  if (!url) {
+    const path = resolveTargetModule(name);
+    if (path === undefined) return undefined;
+    url = pathToFileURL(path).href;
+  }
+  let mod: { default?: unknown };
+  try {
+    mod = (await import(url)) as { default?: unknown };
   } catch (e) {
     throw new UsageError(`cannot load the target module ${name}: ${(e as Error).message.split('\n')[0]}`);
   }
-  const def = mod.default;
-  if (!def || typeof def.openQueue !== 'function' || typeof def.prepare !== 'function' || typeof def.parseArgs !== 'function') {
-    throw new UsageError(`${name} is not a target module: its default export must be defineTarget({ name, usage, parseArgs, prepare, openQueue })`);
+  const def = mod.default as Partial<AsyncTargetDefinition<unknown> & TargetDefinition<unknown>> | undefined;
+  if (isAsyncTarget(def)) {
+    if (typeof def.name !== 'string' || typeof def.prepare !== 'function' || typeof def.open !== 'function') {
+      throw new UsageError(`${name}: an async target needs name, prepare(options) and open(options, queue) (see defineAsyncTarget)`);
+    }
+    return { def, url };
   }
-  return { def, url };
+  if (!def || typeof def.openQueue !== 'function' || typeof def.prepare !== 'function' || typeof def.parseArgs !== 'function') {
+    throw new UsageError(`${name} is not a target module: its default export must be defineAsyncTarget({ name, prepare, open }) or defineTarget({ name, usage, parseArgs, prepare, openQueue })`);
+  }
+  return { def: def as TargetDefinition<unknown>, url };
 }

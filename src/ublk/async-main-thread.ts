@@ -10,35 +10,20 @@
  * copied between threads: the handler sees the queue's mmapped I/O buffer through a Buffer.
  * Cost, measured by `npm run bench:ublk` (null vs async-null): see the README.
  */
-import { constants as osConstants } from 'node:os';
-import { Mapping, libc, sys } from '../libc/index.js';
+import { Mapping, sys } from '../libc/index.js';
 import type { DeviceSpec } from './target.js';
 import { CompletionRing } from './async-completion-ring.js';
 import { BATCH_STRIDE, type AsyncBatch } from './async-queue-thread.js';
-import {
-  UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_FLUSH, UBLK_IO_OP_DISCARD, UBLK_IO_OP_WRITE_ZEROES, UBLK_IO_F_FUA,
-} from './abi.js';
-
-/** A block device as async functions. Offsets and lengths are in bytes. */
-export interface AsyncTarget extends DeviceSpec {
-  /** Fill `buf` (the request's length) with the data at `offset`. `buf` is valid until the promise settles. */
-  read(offset: number, buf: Buffer): Promise<void>;
-  /** Store `buf` at `offset`. `fua`: the data must be durable when the promise resolves. */
-  write(offset: number, buf: Buffer, fua: boolean): Promise<void>;
-  /** Make every completed write durable. */
-  flush?(): Promise<void>;
-  /** Forget (DISCARD) or zero (WRITE_ZEROES) a range. */
-  discardRange?(offset: number, length: number, zero: boolean): Promise<void>;
-}
+import { HangReporter, serveAsync, type AsyncHandlers } from './async-target.js';
 
 /**
- * The result a failed handler's error becomes: the errno its `code` names (a Node fs error's
- * 'ENOSPC', a SysError's), so the block layer sees ENOSPC as ENOSPC; anything else is EIO.
+ * A block device as functions of the calling thread (`UblkServer.start({ asyncTarget })`): the
+ * functions of {@link AsyncHandlers} (async-target.ts), shared by every queue, and the device's
+ * shape. `close` is not called: the caller owns what the functions use, and knows when
+ * `server.stop()` has returned.
  */
-function errorResult(e: unknown): number {
-  const code = (e as { code?: unknown } | undefined)?.code;
-  const errno = typeof code === 'string' ? (osConstants.errno as Record<string, number>)[code] : undefined;
-  return errno !== undefined && errno > 0 ? -errno : -libc.EIO;
+export interface AsyncTarget extends AsyncHandlers {
+  readonly device: DeviceSpec;
 }
 
 /** The main-thread end of one queue of an async target. */
@@ -53,7 +38,10 @@ export class AsyncQueuePort {
   private wakeScheduled = false;
   private closed = false;
 
-  constructor(private readonly target: AsyncTarget, shared: SharedArrayBuffer, depth: number, wakeFd: number) {
+  private readonly hangs: HangReporter;
+
+  constructor(private readonly target: AsyncTarget, shared: SharedArrayBuffer, depth: number, wakeFd: number, qid: number, requestTimeoutMs: number, log: (line: string) => void) {
+    this.hangs = new HangReporter(requestTimeoutMs, qid, log);
     this.ring = new CompletionRing(shared, depth);
     this.depth = depth;
     this.wakeFd = wakeFd;
@@ -76,44 +64,32 @@ export class AsyncQueuePort {
    */
   close(): void {
     this.closed = true;
+    this.hangs.clear();
   }
 
   /** A batch from the queue: tag, op, flags, offset, length per request. */
   dispatch(batch: AsyncBatch): void {
     for (let i = 0; i < batch.length; i += BATCH_STRIDE) {
       const tag = batch[i]!;
-      this.run(tag, batch[i + 1]!, batch[i + 2]!, batch[i + 3]!, batch[i + 4]!).then(
-        (res) => this.complete(tag, res),
-        (e: unknown) => this.complete(tag, errorResult(e)),
-      );
+      const op = batch[i + 1]!;
+      const offset = batch[i + 3]!;
+      const length = batch[i + 4]!;
+      const r = serveAsync(this.target, op, batch[i + 2]!, offset, length, () => this.buf(tag, length));
+      if (typeof r === 'number') {
+        this.complete(tag, r);
+        continue;
+      }
+      this.hangs.watch(tag, op, offset, length);
+      void r.then((res) => {
+        this.hangs.settled(tag);
+        this.complete(tag, res);
+      });
     }
   }
 
   private buf(tag: number, length: number): Buffer {
     const whole = (this.views[tag] ??= this.buffers!.bytes(tag * this.maxIoBytes, this.maxIoBytes));
     return whole.subarray(0, length);
-  }
-
-  private async run(tag: number, op: number, flags: number, offset: number, length: number): Promise<number> {
-    const t = this.target;
-    switch (op) {
-      case UBLK_IO_OP_READ:
-        await t.read(offset, this.buf(tag, length));
-        return length;
-      case UBLK_IO_OP_WRITE:
-        await t.write(offset, this.buf(tag, length), (flags & UBLK_IO_F_FUA) !== 0);
-        return length;
-      case UBLK_IO_OP_FLUSH:
-        await t.flush?.();
-        return 0;
-      case UBLK_IO_OP_DISCARD:
-      case UBLK_IO_OP_WRITE_ZEROES:
-        if (!t.discardRange) return -libc.EOPNOTSUPP;
-        await t.discardRange(offset, length, op === UBLK_IO_OP_WRITE_ZEROES);
-        return 0; // not a byte count: a >= 2 GiB discard would overflow the result
-      default:
-        return -libc.EOPNOTSUPP;
-    }
   }
 
   private complete(tag: number, res: number): void {

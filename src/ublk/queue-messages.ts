@@ -19,6 +19,8 @@ export interface QueueThreadData extends Pick<UblkQueueOptions, 'charFd' | 'qid'
   device?: unknown;
   /** Float64 slots for the target's counters, read by the server. */
   counters: SharedArrayBuffer;
+  /** QueueInfo.requestTimeoutMs: report requests a handler on the event loop holds longer. */
+  requestTimeoutMs?: number;
 }
 
 /** Control word bits: stop serving (the queue closes); fail every request the target holds (UblkQueue.failHeld). */

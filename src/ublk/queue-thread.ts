@@ -7,7 +7,8 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { UblkQueue } from './queue.js';
 import { libc, sys } from '../libc/index.js';
-import type { TargetDefinition } from './target.js';
+import type { QueueHandler, TargetDefinition } from './target.js';
+import { isAsyncTarget, openAsyncQueue } from './async-target.js';
 import { CONTROL_FAIL_HELD, CONTROL_STOP, type QueueMessage, type QueueThreadData } from './queue-messages.js';
 
 const data = workerData as QueueThreadData;
@@ -24,15 +25,21 @@ try {
   send({ kind: 'log', qid: data.qid, line: `queue ${data.qid}: cannot mark the thread as an I/O flusher (${(e as Error).message}); under memory pressure a file system on this device can deadlock with its server` });
 }
 try {
-  const mod = (await import(data.targetUrl)) as { default: TargetDefinition<unknown> };
-  const handler = mod.default.openQueue(data.targetOptions, {
+  const mod = (await import(data.targetUrl)) as { default: unknown };
+  const info = {
     qid: data.qid,
     depth: data.depth,
     shared: data.shared,
     device: data.device,
     counters: new Float64Array(data.counters),
-    post: (message) => send({ kind: 'target', qid: data.qid, message }),
-  });
+    post: (message: unknown) => send({ kind: 'target', qid: data.qid, message }),
+    log: (line: string) => send({ kind: 'log', qid: data.qid, line }),
+    requestTimeoutMs: data.requestTimeoutMs,
+  };
+  const def = mod.default;
+  const handler: QueueHandler = isAsyncTarget(def)
+    ? await openAsyncQueue(def, data.targetOptions, info)
+    : (def as TargetDefinition<unknown>).openQueue(data.targetOptions, info);
   const control = new Int32Array(data.control);
   queue = new UblkQueue({
     charFd: data.charFd,
@@ -65,12 +72,19 @@ try {
 if (queue) {
   let served = 0;
   let error: string | undefined;
+  const onLoop = queue.handlerUsesEventLoop;
   try {
-    served = queue.run();
+    served = onLoop ? await queue.runOnEventLoop() : queue.run();
   } catch (e) {
     error = (e as Error)?.stack ?? String(e);
   }
-  // Whatever ended run(), close() waits for the target's I/O before freeing any memory.
+  // Whatever ended the run, close() waits for the target's I/O before freeing any memory; a
+  // handler on the event loop is waited for there first (its answers need the loop to run).
+  if (onLoop) await queue.drainEventLoop();
   const close = queue.close();
+  await queue.handlerClosed;
   send({ kind: 'done', qid: data.qid, served: served || queue.served, close, error });
+  // A target's sockets or timers left open would keep this thread's event loop, and so the
+  // thread, alive: the server waits for it to exit before it unmaps the buffers.
+  if (onLoop) setTimeout(() => process.exit(0), 1000).unref();
 }

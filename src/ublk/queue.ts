@@ -53,7 +53,7 @@
  * COMMIT_IO_CMDS ([COMMIT]). It combines with every data path above but NEED_GET_DATA.
  */
 import {
-  IoUring, addFlags, prepCancel2, setU64, prepNop, prepPollMultishot, registerBuffersSparse, registerFiles, setUserData2, updateFiles,
+  IoUring, addFlags, prepCancel2, setU64, prepNop, prepPollMultishot, registerBuffersSparse, registerEventfd, registerFiles, setUserData2, updateFiles,
   abi as uringAbi,
 } from '../uring/index.js';
 import { Mapping, PAGE_SIZE, SysError, errnoName, libc, sys } from '../libc/index.js';
@@ -92,6 +92,11 @@ const SQE_ADDR_WORD = uringAbi.io_uring_sqe.addr / 4;
 
 /** How many problems of one kind a queue reports before it only counts them. */
 const LOG_LIMIT = 10;
+/**
+ * runOnEventLoop's longest blocking wait while the handler holds nothing: the target's timers
+ * (a cache flush, a connection's keep-alive) run at least this often on an idle device.
+ */
+const IDLE_WAIT_MS = 50;
 
 export interface UblkQueueOptions {
   /**
@@ -334,6 +339,20 @@ export class UblkQueue implements QueueContext {
   private closed = false;
   /** 8 bytes for draining the wake eventfd. */
   private readonly scratch = Mapping.anonymous(8);
+  /** runOnEventLoop: the eventfd the ring signals, libuv's watch on it, and who waits for it. */
+  private loopFd: number | undefined;
+  private loopPoll: { close(): void } | undefined;
+  private loopWaiter: (() => void) | undefined;
+  /** drainEventLoop's verdict, which close() then takes instead of draining again. */
+  private loopDrained: boolean | undefined;
+  /** Answers the target gave (complete() calls): settle() watches it move. */
+  private completions = 0;
+  /** Whether the handler answers from the event loop: serve it with runOnEventLoop. */
+  get handlerUsesEventLoop(): boolean {
+    return this.handler.eventLoop === true;
+  }
+  /** The handler's close(), if it returned a Promise (the thread awaits it before it exits). */
+  handlerClosed: Promise<void> | undefined;
   private nextFileSlot = CHAR_DEV_SLOT + 1;
   private readonly problems = new Map<string, number>();
 
@@ -387,7 +406,7 @@ export class UblkQueue implements QueueContext {
       // Room for a command per tag served plus target I/O; the CQ gets twice that.
       let entries = 1;
       while (entries < this.tags.length * 2) entries <<= 1;
-      this.ring = openQueueRing(Math.min(entries, 4096));
+      this.ring = openQueueRing(Math.min(entries, 4096), opts.handler.eventLoop === true);
       cleanup.push(() => this.ring.close());
       // The char device as a fixed file: saves an fget per command (ublksrv does the same). The
       // other slots start empty, for the target's own files (registerFile).
@@ -541,6 +560,8 @@ export class UblkQueue implements QueueContext {
   }
 
   complete(tag: number, result: number): void {
+    this.completions++;
+    if (this.loopWaiter !== undefined) this.wakeLoop();
     if (this.draining) {
       // Closing: the request is not answered any more (the kernel fails it when the ring goes),
       // only counted as no longer held; a late or repeated answer changes nothing.
@@ -1061,6 +1082,24 @@ export class UblkQueue implements QueueContext {
    * [FETCH] BATCH_IO's PREP_IO_CMDS/FETCH_IO_CMDS would replace the per-tag loop below.
    */
   run(): number {
+    this.startServing();
+    const spinMs = (this.opts.spinUs ?? 0) / 1000;
+    while (this.active() && !this.stopRequested) {
+      if (spinMs === 0) this.enter(1);
+      else if (this.ring.cqReady() === 0) {
+        this.enter(0); // the commits go now, not after the spin
+        this.spin(spinMs);
+        // A spin that found CQEs left nothing to submit: reap them without another enter.
+        if (this.ring.cqReady() === 0) this.enter(1);
+      }
+      this.reap();
+      this.handler.afterBatch?.(this);
+    }
+    return this.served;
+  }
+
+  /** [FETCH] Arms every tag and, with batch I/O, waits for the kernel's word on PREP_IO_CMDS. */
+  private startServing(): void {
     this.handler.start?.(this);
     if (this.batch) {
       // [FETCH] batch I/O: every tag in one PREP_IO_CMDS, then the multishot fetches.
@@ -1086,20 +1125,117 @@ export class UblkQueue implements QueueContext {
       }
     }
     this.opts.onFetched?.();
+  }
 
-    const spinMs = (this.opts.spinUs ?? 0) / 1000;
+  /**
+   * run() for a handler that answers from the thread's event loop (QueueHandler.eventLoop: an
+   * async target's Promises). A thread blocked in io_uring_enter runs no JavaScript, so while the
+   * handler holds requests the queue waits on the event loop instead: the ring signals an eventfd
+   * (IORING_REGISTER_EVENTFD) whenever it posts a CQE or queues task work for us, and libuv
+   * watches that eventfd like any socket (koffi.node.poll), next to the target's own timers and
+   * sockets. A completion from the handler wakes the loop too, and its commit is submitted at
+   * once. When the handler holds nothing (everything answered at once, or from microtasks that
+   * ran right after the batch) the queue blocks in io_uring_enter as run() does, so a target
+   * whose functions settle without waiting costs no event-loop turn per request; that wait
+   * returns every IDLE_WAIT_MS to give the target's timers a turn.
+   */
+  async runOnEventLoop(): Promise<number> {
+    this.startServing();
+    const efd = sys.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
+    this.loopFd = efd;
+    registerEventfd(this.ring, efd);
+    this.loopPoll = sys.watchReadable(efd, () => {
+      try {
+        sys.read(efd, this.scratch.address, 8);
+      } catch { /* EAGAIN: drained already */ }
+      this.wakeLoop();
+    });
     while (this.active() && !this.stopRequested) {
-      if (spinMs === 0) this.enter(1);
-      else if (this.ring.cqReady() === 0) {
-        this.enter(0); // the commits go now, not after the spin
-        this.spin(spinMs);
-        // A spin that found CQEs left nothing to submit: reap them without another enter.
-        if (this.ring.cqReady() === 0) this.enter(1);
+      await this.settle();
+      if (this.serving > 0) {
+        this.enter(0); // commits go now; TASKRUN makes it run the task work that carries requests
+        if (this.ring.cqReady() === 0 && !this.ring.cqNeedsFlush()) await this.loopWait(0);
+      } else if (!this.enterIdle()) {
+        await new Promise<void>((resolve) => setImmediate(resolve)); // the target's timers' turn
       }
       this.reap();
       this.handler.afterBatch?.(this);
     }
     return this.served;
+  }
+
+  /**
+   * Lets the handler's Promises that can settle without the event loop (a function that did its
+   * work before its first await) settle: microtask generations run until three in a row answered
+   * nothing. A Promise that needs the loop (a timer, a socket) is waited for by runOnEventLoop.
+   */
+  private async settle(): Promise<void> {
+    let quiet = 0;
+    while (this.serving > 0 && quiet < 3) {
+      const before = this.completions;
+      await null;
+      quiet = this.completions === before ? quiet + 1 : 0;
+    }
+  }
+
+  /** Waits on the event loop for the ring's eventfd or a completion (or `ms` milliseconds, if not 0). */
+  private loopWait(ms: number): Promise<void> {
+    return new Promise<void>((resolve) => {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      this.loopWaiter = () => {
+        if (timer !== undefined) clearTimeout(timer);
+        resolve();
+      };
+      if (ms > 0) timer = setTimeout(() => this.wakeLoop(), ms);
+    });
+  }
+
+  private wakeLoop(): void {
+    const w = this.loopWaiter;
+    this.loopWaiter = undefined;
+    w?.();
+  }
+
+  /**
+   * The idle wait of runOnEventLoop: submits and blocks for one completion, at most
+   * IDLE_WAIT_MS. Returns false if it timed out. Back-pressure as in enter().
+   */
+  private enterIdle(): boolean {
+    if (this.batch !== undefined && this.batch.pending > 0) this.flushCommits();
+    try {
+      return this.ring.submitAndWaitTimeout(1, IDLE_WAIT_MS);
+    } catch (e) {
+      if (!(e instanceof SysError && (e.errno === libc.EAGAIN || e.errno === libc.EBUSY))) throw e;
+      this.backPressure++;
+      return true;
+    }
+  }
+
+  /**
+   * The event-loop half of closing a runOnEventLoop queue (call it before close()): waits, on
+   * the event loop, up to the drain timeout for the requests the handler still holds. Answers
+   * that come now are not sent (the kernel fails the requests when the ring closes), as in
+   * drain(). Returns whether the handler let go of every request.
+   */
+  async drainEventLoop(): Promise<boolean> {
+    this.draining = true;
+    const until = Date.now() + (this.opts.drainTimeoutMs ?? 10_000);
+    try {
+      this.cancelTargetSqes(false);
+      while (this.serving > 0 || this.targetInFlight > this.committing) {
+        const left = until - Date.now();
+        if (left <= 0) break;
+        this.enter(0);
+        this.reap();
+        if (this.serving > 0 || this.targetInFlight > this.committing) await this.loopWait(Math.min(left, 100));
+      }
+    } catch (e) {
+      this.log(`ublk queue ${this.qid}: waiting for the target's requests failed: ${(e as Error).message}`);
+    }
+    this.loopPoll?.close();
+    this.loopPoll = undefined;
+    this.loopDrained = this.serving === 0 && this.targetInFlight <= this.committing;
+    return this.loopDrained;
   }
 
   /**
@@ -1143,6 +1279,7 @@ export class UblkQueue implements QueueContext {
     this.draining = true;
     // Linked SQEs of requests answered ahead are cancelled too (a cancelled one posts a CQE), but
     // not waited for: one that succeeds posts nothing (see QueueCloseReport.unresolvedLinks).
+    if (this.loopDrained !== undefined) return this.loopDrained; // drainEventLoop waited already
     const busy = () => this.targetInFlight > this.committing || (this.handler.onWake !== undefined && this.serving > 0);
     if (!busy()) return true;
     try {
@@ -1182,7 +1319,7 @@ export class UblkQueue implements QueueContext {
     const report: QueueCloseReport = {
       drained: finished && this.committing === 0,
       inFlight: this.targetInFlight - this.committing,
-      held: this.handler.onWake !== undefined ? this.serving : 0,
+      held: this.handler.onWake !== undefined || this.handler.eventLoop ? this.serving : 0,
       unresolvedLinks: this.committing,
       bufBase: this.bufs.address,
       bufBytes: this.bufs.length,
@@ -1191,11 +1328,19 @@ export class UblkQueue implements QueueContext {
       this.log(`ublk queue ${this.qid}: ${report.inFlight} target I/O(s) and ${report.held} held request(s) did not finish within ${timeoutMs} ms; their ${report.bufBytes} bytes of buffers stay mapped until the process exits`);
     }
     try {
-      this.handler.close?.();
+      const closing = this.handler.close?.();
+      if (closing) {
+        this.handlerClosed = Promise.resolve(closing).catch((e: unknown) => {
+          this.log(`ublk queue ${this.qid}: the target's close() failed: ${(e as Error)?.stack ?? String(e)}`);
+        });
+      }
     } catch (e) {
       this.log(`ublk queue ${this.qid}: the target's close() threw: ${(e as Error)?.stack ?? String(e)}`);
     } finally {
+      this.loopPoll?.close();
       this.ring.close();
+      // The ring held a reference to the eventfd's context; with the ring gone, nothing signals it.
+      if (this.loopFd !== undefined) sys.close(this.loopFd);
       this.batch?.free();
       this.descs.unmap();
       this.scratch.unmap();
@@ -1210,8 +1355,19 @@ const pauseWord = new Int32Array(new SharedArrayBuffer(4));
 /**
  * The queue's ring: SINGLE_ISSUER|DEFER_TASKRUN where the kernel has them (6.1), so ublk's
  * command completions (task work) run only when we enter to wait, batched; COOP_TASKRUN before.
+ *
+ * A queue that waits on its event loop (`onEventLoop`, UblkQueue.runOnEventLoop) gets
+ * COOP_TASKRUN|TASKRUN_FLAG instead. Measured on 7.3.4: with DEFER_TASKRUN, once such a queue
+ * had waited in libuv's epoll_wait while it held requests, the requests the kernel dispatched
+ * afterwards (in flight in blk-mq's debugfs, on tags whose FETCH was outstanding) never reached
+ * the ring: no CQE, no IORING_SQ_TASKRUN, no eventfd signal, and later GETEVENTS waits found
+ * nothing. With COOP_TASKRUN the same sequence works: ublk's task work is ordinary task work of
+ * this thread, which runs when it returns from any system call (epoll_wait included), and the
+ * CQE it posts signals the ring's eventfd.
  */
-function openQueueRing(entries: number): IoUring {
+function openQueueRing(entries: number, onEventLoop: boolean): IoUring {
+  const coop = () => new IoUring(entries, { flags: uringAbi.IORING_SETUP_COOP_TASKRUN | uringAbi.IORING_SETUP_TASKRUN_FLAG });
+  if (onEventLoop) return coop();
   try {
     // TASKRUN_FLAG: the kernel raises IORING_SQ_TASKRUN when it queues task work for us, which
     // the low-latency spin watches (UblkQueueOptions.spinUs).

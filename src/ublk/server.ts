@@ -24,7 +24,8 @@ import { UBLK_F_BATCH_IO, UBLK_F_PER_IO_DAEMON, UBLK_F_QUIESCE, UBLK_F_USER_RECO
 import { paramsFor, specProblem } from './params.js';
 import { queueDataPath } from './modes.js';
 import { ANY_DEV_ID } from './wire.js';
-import type { DeviceSpec, TargetDefinition } from './target.js';
+import type { DeviceSpec } from './target.js';
+import type { AnyTargetDefinition } from './async-target.js';
 import { AsyncQueuePort, type AsyncTarget } from './async-main-thread.js';
 import { CompletionRing } from './async-completion-ring.js';
 import type { AsyncBatch } from './async-queue-thread.js';
@@ -38,12 +39,23 @@ export const UBLK_MAX_DEV_ID = (1 << 20) - 1;
 export const DEFAULT_MAX_IO_BYTES = 512 * 1024;
 
 export interface ServerOptions<O> {
-  /** A ring-native target: its definition and the URL of the module that exports it (queue threads import it). */
-  target?: TargetDefinition<O>;
+  /**
+   * A target module: its definition (ring-native, or async from defineAsyncTarget) and the URL
+   * of the module whose default export it is (the queue threads import it).
+   */
+  target?: AnyTargetDefinition<O>;
   targetUrl?: string;
   targetOptions?: O;
-  /** Or a target written as async functions, run on this thread's event loop (async-main-thread.ts). */
+  /**
+   * Or functions of this thread (closures: no module needed), run on this thread's event loop
+   * (async-main-thread.ts). A module (`target`) is faster: its queue threads call it themselves.
+   */
   asyncTarget?: AsyncTarget;
+  /**
+   * Report in the log a request a handler has held for this many milliseconds (default 0: never).
+   * The request is not failed: the handler still owns its buffer.
+   */
+  requestTimeoutMs?: number;
   /** Device id; undefined lets the kernel pick. */
   devId?: number;
   queues?: number;
@@ -182,7 +194,7 @@ export class UblkServer {
       if (signal?.aborted) throw new UblkError('interrupted while creating the device; it was removed', undefined, 'ABORTED');
     };
     checkAbort();
-    const spec: DeviceSpec = opts.asyncTarget ?? opts.target!.prepare(opts.targetOptions as O);
+    const spec: DeviceSpec = opts.asyncTarget?.device ?? await opts.target!.prepare(opts.targetOptions as O);
     const targetUrl = opts.asyncTarget ? siblingUrl(import.meta.url, 'async-queue-thread').href : opts.targetUrl!;
     const maxIoBytes = opts.maxIoBytes ?? spec.maxIoBytes ?? DEFAULT_MAX_IO_BYTES;
     const counterNames = opts.target?.counters ?? [];
@@ -257,7 +269,7 @@ export class UblkServer {
       if (!(info.flags & UBLK_F_USER_RECOVERY)) {
         throw new UblkError(`device ${opts.devId} was added without user recovery (-r 1), so it cannot be recovered: remove it with \`ublk del -n ${opts.devId}\``);
       }
-      spec = opts.asyncTarget ?? opts.target!.prepare(opts.targetOptions as O);
+      spec = opts.asyncTarget?.device ?? await opts.target!.prepare(opts.targetOptions as O);
       const params = ctrl.params(opts.devId);
       const devBytes = (params.basic?.devSectors ?? 0) * 512;
       if (spec.sizeBytes < devBytes) {
@@ -450,7 +462,7 @@ async function attachQueues<O>(a: {
     for (let t = 0; t < k; t++) {
       started.push(spawnQueue({
         info, charFd: a.charFd, qid, targetUrl: a.targetUrl, targetOptions: opts.targetOptions ?? {}, device: a.spec.queueData,
-        nrCounters: a.nrCounters, asyncTarget: opts.asyncTarget, drainTimeoutMs: opts.drainTimeoutMs, spinUs: opts.spinUs, autoZcFallback: opts.autoZcFallback, log: opts.log,
+        nrCounters: a.nrCounters, asyncTarget: opts.asyncTarget, requestTimeoutMs: opts.requestTimeoutMs, drainTimeoutMs: opts.drainTimeoutMs, spinUs: opts.spinUs, autoZcFallback: opts.autoZcFallback, log: opts.log,
         tagStride: k, tagOffset: t, sharedRegions: a.regions,
       }));
     }
@@ -523,6 +535,7 @@ interface SpawnOptions {
   device: unknown;
   nrCounters: number;
   asyncTarget?: AsyncTarget;
+  requestTimeoutMs?: number;
   drainTimeoutMs?: number;
   spinUs?: number;
   autoZcFallback?: boolean;
@@ -581,7 +594,7 @@ function spawnQueue(o: SpawnOptions): QueueThread {
   const wakeFd = sys.eventfd(0, libc.EFD_CLOEXEC | libc.EFD_NONBLOCK);
   const control = new SharedArrayBuffer(4);
   const shared = o.asyncTarget ? new SharedArrayBuffer(CompletionRing.bytes(o.info.queueDepth)) : undefined;
-  const port = o.asyncTarget && shared ? new AsyncQueuePort(o.asyncTarget, shared, o.info.queueDepth, wakeFd) : undefined;
+  const port = o.asyncTarget && shared ? new AsyncQueuePort(o.asyncTarget, shared, o.info.queueDepth, wakeFd, o.qid, o.requestTimeoutMs ?? 0, o.log ?? writeStderr) : undefined;
   const data: QueueThreadData = {
     charFd: o.charFd,
     qid: o.qid,
@@ -602,6 +615,7 @@ function spawnQueue(o: SpawnOptions): QueueThread {
     shared,
     device: o.device,
     counters,
+    requestTimeoutMs: o.requestTimeoutMs,
   };
   const worker = startWorker(siblingUrl(import.meta.url, 'queue-thread'), data);
   let onFetched!: () => void;

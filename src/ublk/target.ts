@@ -137,8 +137,15 @@ export interface QueueHandler {
   afterBatch?(ctx: QueueContext): void;
   /** Called when the queue's wake eventfd fired (another thread has news for this queue). */
   onWake?(ctx: QueueContext): void;
-  /** Called once when the queue shuts down. */
-  close?(): void;
+  /**
+   * The handler may answer requests from the thread's event loop (Promises, timers, sockets), not
+   * only from `handle` and CQE callbacks: the queue then waits on the event loop while the
+   * handler holds requests, instead of blocking in io_uring_enter (UblkQueue.runOnEventLoop).
+   * Async targets are served this way (async-target.ts).
+   */
+  readonly eventLoop?: boolean;
+  /** Called once when the queue shuts down (a Promise is awaited before the thread exits). */
+  close?(): void | Promise<void>;
 }
 
 /** What a queue thread is told about itself when its handler is opened. */
@@ -156,6 +163,13 @@ export interface QueueInfo {
    * add to them from the queue thread, `UblkServer.counters()` sums them over the queues.
    */
   counters: Float64Array;
+  /** A line in the server's log (the queue thread's own stderr would wait for its event loop). */
+  log?(line: string): void;
+  /**
+   * For handlers that answer later (eventLoop): report a request not answered after this many
+   * milliseconds in the log (0 or undefined: never). `ublk add --request-timeout MS`.
+   */
+  requestTimeoutMs?: number;
 }
 
 /** The device's shape, decided by the target from its options. */

@@ -187,7 +187,7 @@ t.test('an async target\'s late completion, after its queue stopped, writes no c
   const holding = new Promise<void>((r) => { reached = r; });
   const store = Buffer.alloc(16 * MiB);
   const target: AsyncTarget = {
-    sizeBytes: store.length,
+    device: { sizeBytes: store.length },
     async read(offset, buf) {
       if (offset === MiB) {
         reached();

@@ -194,14 +194,15 @@ function sh(cmd: string, args: string[]) {
 }
 
 /**
- * ext4 through a loop device over `file` (added with `addArgs`): mkfs, a tree of files (this
+ * ext4 through a loop device over `file` (added with `addArgs`; or the device `target` names,
+ * whose data must live in `file`): mkfs, a tree of files (this
  * project's sources and 300 files of random sizes in nested directories), umount, del; then
  * e2fsck -fn of the backing file must be clean, and a device added again the same way must show
  * every file with the same checksum. Removes `file` at the end.
  */
-export function ext4RoundTrip(t: Test, file: string, mnt: string, addArgs: string[]): void {
+export function ext4RoundTrip(t: Test, file: string, mnt: string, addArgs: string[], target: string[] = ['-t', 'loop', '-f', file]): void {
   mkdirSync(mnt, { recursive: true });
-  const id = addDevice('-t', 'loop', '-f', file, ...addArgs);
+  const id = addDevice(...target, ...addArgs);
   const dev = `/dev/ublkb${id}`;
   let r = sh('mkfs.ext4', ['-q', '-F', dev]);
   t.equal(r.code, 0, `mkfs.ext4 ${r.err}`);
@@ -222,7 +223,7 @@ export function ext4RoundTrip(t: Test, file: string, mnt: string, addArgs: strin
   t.equal(ublk('del', '-n', String(id)).code, 0, 'del');
   r = sh('e2fsck', ['-fn', file]);
   t.equal(r.code, 0, `e2fsck -fn on the backing file: clean (${r.out.trim().split('\n').pop()})`);
-  const again = addDevice('-t', 'loop', '-f', file, ...addArgs);
+  const again = addDevice(...target, ...addArgs);
   r = sh('mount', [`/dev/ublkb${again}`, mnt]);
   t.equal(r.code, 0, `mount again ${r.err}`);
   t.equal(sums(), before, 'every file has the same checksum');

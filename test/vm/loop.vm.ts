@@ -85,7 +85,7 @@ t.test('ext4 on loop: mkfs, a tree of files, umount, del; e2fsck -fn of the back
 
 /** An in-process device (its counters are readable) over `file`. */
 async function startLoop(file: string, extra: string[] = []) {
-  const opts = loop.parseArgs(['-f', file, ...extra]);
+  const opts = loop.parseArgs!(['-f', file, ...extra]);
   const server = await UblkServer.start({ target: loop, targetUrl: LOOP_URL, targetOptions: opts, queues: 1 });
   return { server, dev: `/dev/ublkb${server.devId}` };
 }
