@@ -718,6 +718,7 @@ async function asyncSuite(): Promise<Record<string, number>> {
     devs.native = ublkAdd(['-t', 'mem', '-s', '256M', '-q', String(queues), '-d', '128']);
     devs.module = ublkAdd(['-t', join(root, 'examples', 'ramdisk.mjs'), '--size', '256M', '-q', String(queues), '-d', '128']);
     devs.loop = ublkAdd(['-t', join(root, 'bench', 'ramdisk-loop.mjs'), '--size', '256M', '-q', String(queues), '-d', '128']);
+    process.stderr.write(`bench: ${queues} queue(s): ring-native ${devs.native}, module ${devs.module}, event-loop module ${devs.loop}; starting the main-thread server\n`);
     const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'bench', 'ublk-async-mem.ts'), String(queues), '256'], { stdio: ['ignore', 'pipe', 'inherit'] });
     devs.main = (JSON.parse(await new Promise<string>((res) => createInterface({ input: child.stdout }).once('line', res))) as { devId: number }).devId;
     stops.push(() => new Promise((res) => { child.once('exit', () => res()); child.kill('SIGTERM'); }));

@@ -76,7 +76,7 @@ if (missing) {
   for (const kernel of tsc.status === 0 ? (process.env.UBLK_VM_KERNELS ?? 'lts newest').split(/\s+/).filter(Boolean) : []) {
     const started = Date.now();
     console.log(`# VM suite on kernel '${kernel}'`);
-    const r = await runTap(['--import', 'tsx', 'scripts/vm.ts', '--kernel', kernel, '--timeout', '2400',
+    const r = await runTap(['--import', 'tsx', 'scripts/vm.ts', '--kernel', kernel, '--timeout', '2700',
       // ublk grants a device at most one queue per CPU: 4 vCPUs let the suite test 4-queue devices.
       '--cpus', '4', '--',
       'node', 'build/vm/test/vm/run-in-vm.js']);

@@ -6,6 +6,10 @@
  *     // `path` is /dev/ublkbN: mkfs it, run fio on it, open it with O_DIRECT ...
  *   });
  *
+ * Functions given as closures are served on this thread's event loop: do the device's I/O from
+ * here asynchronously (fs.promises, a child process such as mkfs or fio), never with fs's
+ * synchronous calls, which would wait for an answer this very thread has to give.
+ *
  * The device is deleted when the callback settles, whether it returned, threw, or its test
  * timed out and rejected; an error of the callback is rethrown after the device is gone. It
  * works with any test runner (tap, node:test, vitest in a Node pool), needs root and the

@@ -13,7 +13,8 @@ import { join } from 'node:path';
 import { ROOT, addDevice, alive, deviceLog, exists, ext4RoundTrip, fioVerify, noDeviceLeftBehind, serverPid, ublk, waitFor } from './helpers.js';
 
 const MiB = 2 ** 20;
-const VERIFY = Number(process.env.UBLK_VERIFY_MIB ?? 64) * MiB;
+/** fio's volume per verify pass: 32 MiB in `npm test` (the VM time budget), UBLK_VERIFY_MIB=256 for more. */
+const VERIFY = Number(process.env.UBLK_VERIFY_MIB ?? 32) * MiB;
 const work = mkdtempSync('/tmp/ublk-api-');
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
 t.afterEach(noDeviceLeftBehind);
@@ -52,7 +53,7 @@ for (const queues of [1, 2]) {
   t.test(`examples/ramdisk.mjs from a path, ${queues} queue(s): fio write + crc32c verify`, async (t) => {
     const id = addDevice('-t', RAMDISK, '--size', '256M', '-q', String(queues));
     const dev = `/dev/ublkb${id}`;
-    for (const bs of ['4k', '128k']) {
+    for (const bs of queues === 1 ? ['4k', '128k'] : ['4k']) {
       const r = fioVerify(dev, { bs, engine: 'io_uring', jobs: queues, total: VERIFY, qd: 32 });
       t.ok(r.code === 0 && r.error === 0 && r.verified === VERIFY, `${bs} QD 32: wrote ${r.written}, verified ${r.verified} bytes (exit ${r.code}, error ${r.error}) ${r.code ? r.stderr : ''}`);
     }
@@ -66,9 +67,9 @@ t.test('a module whose every request waits on the event loop (fs.promises): fio 
   const file = sparse('file-disk.img', 256 * MiB);
   const id = addDevice('-t', FILE_DISK, '--file', file, '-q', '2');
   const dev = `/dev/ublkb${id}`;
-  for (const [bs, qd] of [['4k', 32], ['128k', 1], ['64k', 64]] as const) {
-    const r = fioVerify(dev, { bs, engine: 'io_uring', jobs: 2, total: VERIFY / 2, qd });
-    t.ok(r.code === 0 && r.error === 0 && r.verified === VERIFY / 2, `${bs} QD ${qd}: verified ${r.verified} bytes (exit ${r.code}, error ${r.error}) ${r.code ? r.stderr : ''}`);
+  for (const [bs, qd] of [['4k', 32], ['128k', 1]] as const) {
+    const r = fioVerify(dev, { bs, engine: 'io_uring', jobs: 2, total: VERIFY, qd });
+    t.ok(r.code === 0 && r.error === 0 && r.verified === VERIFY, `${bs} QD ${qd}: verified ${r.verified} bytes (exit ${r.code}, error ${r.error}) ${r.code ? r.stderr : ''}`);
   }
   const sync = sh('fio', ['--name=f', `--filename=${dev}`, '--rw=write', '--bs=4k', '--size=1m', '--fsync=1', '--direct=1']);
   t.equal(sync.code, 0, 'writes with fsync: FLUSH requests answered');
