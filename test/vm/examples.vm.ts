@@ -36,11 +36,14 @@ t.test('examples/http-disk.mjs: an ext4 image over HTTP reads back byte for byte
   t.equal(sh('mkfs.ext4', ['-q', '-F', img]).code, 0, 'mkfs.ext4 on the image');
   const mnt = join(work, 'mnt-http');
   mkdirSync(mnt, { recursive: true });
-  t.equal(sh('mount', ['-o', 'loop', img, mnt]).code, 0);
+  // Files go in through our loop target (the guest has no kernel loop module loaded).
+  const writer = addDevice('-t', 'loop', '-f', img);
+  t.equal(sh('mount', [`/dev/ublkb${writer}`, mnt]).code, 0, 'mount the image');
   writeFileSync(join(mnt, 'hello.txt'), 'served over HTTP\n');
   writeFileSync(join(mnt, 'random.bin'), randomBytes(3 * MiB));
   const sum = sh('sha256sum', [join(mnt, 'random.bin')]).out.split(' ')[0];
   t.equal(sh('umount', [mnt]).code, 0);
+  await del(t, writer);
   const server = spawn(process.execPath, [join(ROOT, 'test', 'vm', 'fixtures', 'range-server.mjs'), img], { stdio: ['ignore', 'pipe', 'inherit'] });
   t.teardown(() => { server.kill(); });
   const { port } = JSON.parse(await new Promise<string>((res) => createInterface({ input: server.stdout }).once('line', res))) as { port: number };
