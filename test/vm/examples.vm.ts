@@ -4,30 +4,21 @@
  * back byte for byte and mounted), and the checksummed sparse store (fio verify, ext4 across a
  * re-add, and a flipped byte in a chunk file caught as EIO). The RAM disk is in targets-api.vm.ts.
  */
-import t, { type Test } from 'tap';
-import { spawn, spawnSync } from 'node:child_process';
+import t from 'tap';
+import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, readSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { ROOT, addDevice, alive, deviceLog, exists, fioVerify, noDeviceLeftBehind, serverPid, ublk, waitFor } from './helpers.js';
+import { ROOT, addDevice, deviceLog, fioVerify, noDeviceLeftBehind, ublk, sh, deleteDevice } from './helpers.js';
 
 const MiB = 2 ** 20;
 const work = mkdtempSync('/tmp/ublk-examples-');
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
 t.afterEach(noDeviceLeftBehind);
 
-function sh(cmd: string, args: string[]) {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 300_000 });
-  return { code: r.status ?? -1, out: r.stdout ?? '', err: r.stderr ?? '' };
-}
 
-async function del(t: Test, id: number): Promise<void> {
-  const pid = serverPid(id);
-  t.equal(ublk('del', '-n', String(id)).code, 0, `del ${id}`);
-  t.ok(await waitFor(() => !alive(pid), 20_000), 'its server exited');
-  t.notOk(exists(`/dev/ublkc${id}`), 'no device left');
-}
+const del = deleteDevice; // (t, id): del, the server exits, the char device goes
 
 t.test('examples/http-disk.mjs: an ext4 image over HTTP reads back byte for byte and mounts read-only', async (t) => {
   const img = join(work, 'served.img');

@@ -2,7 +2,7 @@
  * Helpers for the tests that run inside the VM: the CLI, fio, and waiting for the kernel.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import type { Test } from 'tap';
 import { UblkControl } from '../../src/ublk/control.js';
@@ -188,7 +188,8 @@ export async function killServer(t: { fail(msg: string): void }, id: number, exp
   return pid;
 }
 
-function sh(cmd: string, args: string[]) {
+/** A command's status and output (synchronous: not for devices this thread's event loop serves). */
+export function sh(cmd: string, args: string[]) {
   const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 300_000 });
   return { code: r.status ?? -1, out: r.stdout ?? '', err: r.stderr ?? '' };
 }
@@ -230,4 +231,20 @@ export function ext4RoundTrip(t: Test, file: string, mnt: string, addArgs: strin
   sh('umount', [mnt]);
   t.equal(ublk('del', '-n', String(again)).code, 0, 'del again');
   rmSync(file);
+}
+
+/** An empty sparse file of `size` bytes at `dir/name`. */
+export function sparseFile(dir: string, name: string, size: number): string {
+  const f = join(dir, name);
+  writeFileSync(f, '');
+  truncateSync(f, size);
+  return f;
+}
+
+/** `ublk del -n id`, then the device's server must exit and its char device go. */
+export async function deleteDevice(t: Test, id: number): Promise<void> {
+  const pid = serverPid(id);
+  t.equal(ublk('del', '-n', String(id)).code, 0, `del ${id}`);
+  t.ok(await waitFor(() => !alive(pid), 20_000), 'its server exited');
+  t.notOk(exists(`/dev/ublkc${id}`), 'no device left');
 }

@@ -6,12 +6,11 @@
  * ext4 journal leaves a clean file system with every synced file intact; a recorded trace
  * replays to identical contents.
  */
-import t, { type Test } from 'tap';
-import { spawnSync } from 'node:child_process';
+import t from 'tap';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { addDevice, alive, deviceLog, exists, fioVerify, noDeviceLeftBehind, serverPid, ublk, waitFor } from './helpers.js';
+import { addDevice, deviceLog, fioVerify, noDeviceLeftBehind, ublk, waitFor, sh, sparseFile, deleteDevice } from './helpers.js';
 import { mappedBlocks, readMap } from '../../src/targets/overlay.js';
 
 const MiB = 2 ** 20;
@@ -19,25 +18,11 @@ const work = mkdtempSync('/tmp/ublk-layers-');
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
 t.afterEach(noDeviceLeftBehind);
 
-function sh(cmd: string, args: string[]) {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 300_000 });
-  return { code: r.status ?? -1, out: r.stdout ?? '', err: r.stderr ?? '' };
-}
 const sha = (file: string) => createHash('sha256').update(readFileSync(file)).digest('hex');
 
-function sparse(name: string, size: number): string {
-  const f = join(work, name);
-  writeFileSync(f, '');
-  truncateSync(f, size);
-  return f;
-}
+const sparse = (name: string, size: number) => sparseFile(work, name, size);
 
-async function del(t: Test, id: number): Promise<void> {
-  const pid = serverPid(id);
-  t.equal(ublk('del', '-n', String(id)).code, 0, `del ${id}`);
-  t.ok(await waitFor(() => !alive(pid), 20_000), 'its server exited');
-  t.notOk(exists(`/dev/ublkc${id}`), 'no device left');
-}
+const del = deleteDevice; // (t, id): del, the server exits, the char device goes
 
 /** dd of `count` 4 KiB blocks from `src` into device `dev` at block `at`, direct. */
 const ddWrite = (src: string, dev: string, at: number, count: number) =>

@@ -6,11 +6,10 @@
  * Each: fio write + crc32c verify, ext4 round trip, errors mapped to the errno the target
  * names, a hung request reported, and no device or server left behind.
  */
-import t, { type Test } from 'tap';
-import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import t from 'tap';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { ROOT, addDevice, alive, deviceLog, exists, ext4RoundTrip, fioVerify, noDeviceLeftBehind, serverPid, ublk, waitFor } from './helpers.js';
+import { ROOT, addDevice, deviceLog, exists, ext4RoundTrip, fioVerify, noDeviceLeftBehind, ublk, sh, sparseFile, deleteDevice } from './helpers.js';
 
 const MiB = 2 ** 20;
 /** fio's volume per verify pass: 32 MiB in `npm test` (the VM time budget), UBLK_VERIFY_MIB=256 for more. */
@@ -22,25 +21,10 @@ t.afterEach(noDeviceLeftBehind);
 const RAMDISK = join(ROOT, 'examples', 'ramdisk.mjs');
 const FILE_DISK = join(ROOT, 'test', 'vm', 'fixtures', 'file-disk.mjs');
 
-function sh(cmd: string, args: string[]) {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 300_000 });
-  return { code: r.status ?? -1, out: r.stdout ?? '', err: r.stderr ?? '' };
-}
 
-function sparse(name: string, size: number): string {
-  const f = join(work, name);
-  writeFileSync(f, '');
-  truncateSync(f, size);
-  return f;
-}
+const sparse = (name: string, size: number) => sparseFile(work, name, size);
 
-/** Deletes device `id` and checks that its server exited. */
-async function del(t: Test, id: number): Promise<void> {
-  const pid = serverPid(id);
-  t.equal(ublk('del', '-n', String(id)).code, 0, `del ${id}`);
-  t.ok(await waitFor(() => !alive(pid), 20_000), 'its server exited');
-  t.notOk(exists(`/dev/ublkc${id}`), 'no device left');
-}
+const del = deleteDevice; // (t, id): del, the server exits, the char device goes
 
 t.test('ublk help -t PATH shows an async module\'s usage', async (t) => {
   const r = ublk('help', '-t', RAMDISK);
