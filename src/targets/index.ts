@@ -3,8 +3,7 @@
  * Each entry is the module URL the queue threads import (they load the target themselves), so
  * a target is one self-contained module.
  */
-import { readFileSync } from 'node:fs';
-import { createRequire } from 'node:module';
+import { existsSync, readFileSync } from 'node:fs';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import type { TargetDefinition } from '../ublk/target.js';
@@ -35,7 +34,7 @@ function isPackageName(name: string): boolean {
 /**
  * The absolute path of the module `-t name` means, resolved from `fromDir` (the caller's working
  * directory): a path as it is, a package name through node_modules as `import` would find it
- * (its "exports" "import"/"default" entry, else "module" or "main"). Undefined for a built-in
+ * (its "exports" "." entry for import/node/default, else "module" or "main"). Undefined for a built-in
  * target name or a package that is not installed. The CLI saves this path, so a detached
  * server, `ublk recover` and `ublk del` load the same file from any directory.
  */
@@ -43,16 +42,16 @@ export function resolveTargetModule(name: string, fromDir = process.cwd()): stri
   if (modules[name]) return undefined;
   if (isModulePath(name)) return isAbsolute(name) ? name : resolve(fromDir, name);
   if (!isPackageName(name)) return undefined;
-  const require = createRequire(join(fromDir, 'noop.js'));
-  let pkgJson: string;
-  try {
-    pkgJson = require.resolve(`${name}/package.json`);
-  } catch {
-    try {
-      return require.resolve(name); // a package whose exports hide package.json
-    } catch {
-      return undefined;
+  // node_modules/NAME/package.json in this directory or one above it, as Node looks for it; read
+  // directly, because a package's "exports" may hide its package.json from require.resolve.
+  let pkgJson: string | undefined;
+  for (let d = resolve(fromDir); ; d = dirname(d)) {
+    const candidate = join(d, 'node_modules', name, 'package.json');
+    if (existsSync(candidate)) {
+      pkgJson = candidate;
+      break;
     }
+    if (dirname(d) === d) return undefined;
   }
   const pkg = JSON.parse(readFileSync(pkgJson, 'utf8')) as { exports?: unknown; module?: string; main?: string };
   const dir = dirname(pkgJson);
