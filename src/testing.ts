@@ -76,9 +76,12 @@ export async function withDevice<T>(opts: WithDeviceOptions, fn: (path: string, 
 /**
  * How long the target may take to answer what it holds once the device is being deleted
  * (STOP_DEV waits for every request): after that its requests are failed with EIO, so a test
- * whose target hangs still ends, and ends without a device.
+ * whose target hangs still ends, and ends without a device. Shorter than the server's own 5 s
+ * before it stops the queues (teardown in server.ts): the queues must still be there to fail
+ * the requests, because on 6.12 closing the char device does not end a request a stopped queue
+ * held, and STOP_DEV would wait for it forever.
  */
-const STOP_GRACE_MS = 10_000;
+const STOP_GRACE_MS = 3_000;
 
 async function stop(server: UblkServer, force: AbortController): Promise<void> {
   const timer = setTimeout(() => force.abort(), STOP_GRACE_MS);
