@@ -10,6 +10,10 @@
  * here asynchronously (fs.promises, a child process such as mkfs or fio), never with fs's
  * synchronous calls, which would wait for an answer this very thread has to give.
  *
+ * The target must answer the kernel's first reads while the device starts: on 6.12 START_DEV
+ * waits for the partition scan (7.x scans after START_DEV returns), so a target that never
+ * answers a read of the first blocks keeps withDevice from ever calling back.
+ *
  * The device is deleted when the callback settles, whether it returned, threw, or its test
  * timed out and rejected; an error of the callback is rethrown after the device is gone. It
  * works with any test runner (tap, node:test, vitest in a Node pool), needs root and the
