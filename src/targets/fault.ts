@@ -43,7 +43,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { randomInt } from 'node:crypto';
 import { defineAsyncTarget, type AsyncHandlers, type AsyncQueueInfo } from '../ublk/async-target.js';
 import { TargetError } from '../ublk/target.js';
-import { checkRange, ioError, LAYER_BLOCK, openSized, readFullOrZeros, seededRandom, writeFull } from './layer-io.js';
+import { checkRange, ioError, LAYER_BLOCK, LAYER_SHAPE, openSized, readFullOrZeros, seededRandom, writeFull } from './layer-io.js';
 import { parseOptions, parseSize, UsageError } from './options.js';
 import { TraceWriter, traceFileProblem } from './trace.js';
 
@@ -231,12 +231,7 @@ export default defineAsyncTarget<FaultOptions>({
     const device: FaultDevice = { sizeBytes: f.size };
     return {
       sizeBytes: f.size,
-      logicalBlockSize: LAYER_BLOCK,
-      physicalBlockSize: LAYER_BLOCK,
-      rotational: false,
-      volatileCache: true,
-      fua: true,
-      discard: { granularity: LAYER_BLOCK, maxBytes: 64 * 2 ** 20, maxWriteZeroesBytes: 64 * 2 ** 20 },
+      ...LAYER_SHAPE,
       describe: {
         file: o.file, seed: o.seed,
         ...(o.latencyMs || o.latencyJitterMs ? { latency_ms: o.latencyMs, latency_jitter_ms: o.latencyJitterMs } : {}),

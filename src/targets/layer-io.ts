@@ -16,6 +16,20 @@ import { BLKGETSIZE64 } from './abi.js';
 /** The unit of the layers: their logical block size, and the granule of their maps and caches. */
 export const LAYER_BLOCK = 4096;
 
+/**
+ * The device shape both layers give: 4 KiB blocks, a volatile cache with FUA (they hold writes
+ * until FLUSH), and discard/write-zeroes in requests of at most 64 MiB (zeros are written block
+ * by block: the bound keeps one request's work bounded).
+ */
+export const LAYER_SHAPE = {
+  logicalBlockSize: LAYER_BLOCK,
+  physicalBlockSize: LAYER_BLOCK,
+  rotational: false,
+  volatileCache: true,
+  fua: true,
+  discard: { granularity: LAYER_BLOCK, maxBytes: 64 * 2 ** 20, maxWriteZeroesBytes: 64 * 2 ** 20 },
+} as const;
+
 export interface OpenedFile {
   fd: number;
   /** Bytes: the file's size, or the block device's capacity. */

@@ -48,7 +48,7 @@ import { closeSync, constants as fsc, fdatasyncSync, fstatSync, ftruncateSync, f
 import { dirname, resolve } from 'node:path';
 import { defineAsyncTarget, type AsyncHandlers } from '../ublk/async-target.js';
 import { TargetError, type DeviceSpec } from '../ublk/target.js';
-import { checkRange, LAYER_BLOCK, openSized, readFull, readFullOrZeros, writeFull, writeZeros } from './layer-io.js';
+import { checkRange, LAYER_BLOCK, LAYER_SHAPE, openSized, readFull, readFullOrZeros, writeFull, writeZeros } from './layer-io.js';
 import { parseOptions, UsageError } from './options.js';
 
 export const MAP_MAGIC = 'UBLKOVL1';
@@ -253,13 +253,7 @@ export function prepareOverlay(o: OverlayOptions): DeviceSpec {
     const store = new MapStore(device);
     return {
       sizeBytes,
-      logicalBlockSize: LAYER_BLOCK,
-      physicalBlockSize: LAYER_BLOCK,
-      rotational: false,
-      volatileCache: true,
-      fua: true,
-      // Zeros are written block by block: 64 MiB keeps one request's work bounded.
-      discard: { granularity: LAYER_BLOCK, maxBytes: 64 * 2 ** 20, maxWriteZeroesBytes: 64 * 2 ** 20 },
+      ...LAYER_SHAPE,
       describe: { base: o.base, overlay: o.overlay, map, base_size: base.size, mapped_blocks: countBits(m.bits) },
       queueData: device,
       release: () => {
