@@ -256,6 +256,8 @@ const enum SlotMode {
   Commit,
   /** trackAndCommit() with the COMMIT_AND_FETCH linked behind it: a CQE means it failed. */
   Linked,
+  /** trackBackground(): the target's own SQE, of no request, that does not keep the queue alive. */
+  Background,
 }
 
 export class UblkQueue implements QueueContext {
@@ -322,6 +324,8 @@ export class UblkQueue implements QueueContext {
   private freeSlots = new Int32Array(64);
   private freeSlotCount = 0;
   private targetInFlight = 0;
+  /** Of targetInFlight, the SQEs of trackBackground (a socket's receive, a timer). */
+  private backgroundInFlight = 0;
   /** The tag whose handler or CQE callback is running, -1 outside of them. */
   private currentTag = -1;
   /**
@@ -461,6 +465,19 @@ export class UblkQueue implements QueueContext {
   }
 
   /**
+   * Like track(), for an SQE that belongs to no request and does not keep the queue running:
+   * the receive a network target keeps posted on its socket, a timer. Counting it against the
+   * request being served would hold that request until the socket next speaks; counting it as
+   * the queue's work would keep a stopped device's queue waiting on a peer. When the queue
+   * closes it is cancelled and waited for like any target SQE (its memory is still the kernel's
+   * until its CQE), and its callback is not run any more.
+   */
+  trackBackground(w: number, onCqe: (res: number, flags: number) => void): void {
+    const slot = this.takeSlot(w, onCqe, SlotMode.Background);
+    setUserData2(this.ring.sqes, w, slot, KIND_TARGET);
+  }
+
+  /**
    * Like track(), for a request's last SQE: if its CQE's result is `expect`, the request is
    * completed with `result` without calling `onCqe`. Where it can, the queue links the tag's
    * COMMIT_AND_FETCH behind the SQE (IOSQE_IO_LINK) and asks for no CQE on success
@@ -512,12 +529,14 @@ export class UblkQueue implements QueueContext {
   /** A callback slot for target SQE `w`, counted against the request being served (if any). */
   private takeSlot(w: number, onCqe: (res: number, flags: number) => void, mode: SlotMode): number {
     const slot = this.freeSlotCount > 0 ? this.freeSlots[--this.freeSlotCount]! : this.callbacks.length;
+    const tag = mode === SlotMode.Background ? -1 : this.currentTag;
     this.callbacks[slot] = onCqe;
-    this.slotTag[slot] = this.currentTag;
+    this.slotTag[slot] = tag;
     this.slotMode[slot] = mode;
     this.targetInFlight++;
+    if (mode === SlotMode.Background) this.backgroundInFlight++;
+    if (tag >= 0) this.inFlight[tag]!++;
     if (this.currentTag >= 0) {
-      this.inFlight[this.currentTag]!++;
       const h = this.handedOut;
       const n = this.handedOutCount;
       if (n > 0 && h[n - 1] === w) this.handedOutCount = n - 1;
@@ -538,6 +557,7 @@ export class UblkQueue implements QueueContext {
     this.callbacks[slot] = undefined;
     this.freeSlot(slot);
     this.targetInFlight--;
+    if (this.slotMode[slot] === SlotMode.Background) this.backgroundInFlight--;
     const tag = this.slotTag[slot]!;
     if (tag >= 0) this.inFlight[tag]!--;
     return cb;
@@ -601,6 +621,10 @@ export class UblkQueue implements QueueContext {
 
   zeroRequest(tag: number, at: number, len: number): number {
     return this.data.zeroRequest(tag, at, len);
+  }
+
+  bufferAddress(tag: number): number {
+    return this.data.bufferAddress(tag);
   }
 
   // -------------------------------------------------------------------------------------------
@@ -1244,8 +1268,9 @@ export class UblkQueue implements QueueContext {
    */
   private active(): boolean {
     const b = this.batch;
-    if (b === undefined) return this.doneTags < this.tags.length || this.targetInFlight > 0;
-    return b.fetching > 0 || this.serving > 0 || b.inFlight > 0 || b.pending > 0 || this.targetInFlight > 0;
+    const targetWork = this.targetInFlight > this.backgroundInFlight;
+    if (b === undefined) return this.doneTags < this.tags.length || targetWork;
+    return b.fetching > 0 || this.serving > 0 || b.inFlight > 0 || b.pending > 0 || targetWork;
   }
 
   /**
@@ -1328,7 +1353,7 @@ export class UblkQueue implements QueueContext {
       this.log(`ublk queue ${this.qid}: ${report.inFlight} target I/O(s) and ${report.held} held request(s) did not finish within ${timeoutMs} ms; their ${report.bufBytes} bytes of buffers stay mapped until the process exits`);
     }
     try {
-      const closing = this.handler.close?.();
+      const closing = this.handler.close?.({ drained: finished });
       if (closing) {
         this.handlerClosed = Promise.resolve(closing).catch((e: unknown) => {
           this.log(`ublk queue ${this.qid}: the target's close() failed: ${(e as Error)?.stack ?? String(e)}`);

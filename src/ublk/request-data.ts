@@ -161,6 +161,15 @@ export class RequestData {
   }
 
   /**
+   * The address of the request's data in our memory (the memory {@link buffer} returns), for an
+   * SQE that names memory itself, such as a sendmsg iovec: staged first where needed.
+   */
+  bufferAddress(tag: number): number {
+    if (this.shared[tag] === 0) this.stage(tag);
+    return this.dataAddress(tag);
+  }
+
+  /**
    * Makes the tag buffer the request's data: in the copy-free modes, reads a WRITE's data in
    * (a READ's goes out at commit, see finish). Throws a SysError if that read fails.
    */

@@ -80,6 +80,15 @@ export interface QueueContext {
    * on EAGAIN with track() (see UblkQueue.trackAndCommit and the loop target).
    */
   trackAndCommit(w: number, expect: number, result: number, onCqe: (res: number, flags: number) => void): void;
+  /**
+   * track() for an SQE of the target's own that belongs to no request and must not keep a
+   * stopped device's queue alive: a network target's receive on its socket, a reconnect timer.
+   * Its memory must stay valid until its CQE, which comes when it completes or, when the queue
+   * closes, when the queue cancels it (the callback is then not run). A request answered from
+   * such a callback (with {@link complete}) is the target's to keep safe: nothing else of the
+   * request may be in flight when it does.
+   */
+  trackBackground(w: number, onCqe: (res: number, flags: number) => void): void;
   /** Completes request `tag` with `result` (bytes, 0, or -errno); for results not returned by handle. */
   complete(tag: number, result: number): void;
   /**
@@ -108,6 +117,13 @@ export interface QueueContext {
   copyToRequest(tag: number, src: Buffer, at: number): number;
   /** Copies request `tag`'s data from byte `at` into `dst` (its whole length), for a WRITE; as copyToRequest. */
   copyFromRequest(tag: number, dst: Buffer, at: number): number;
+  /**
+   * The address of request `tag`'s data in memory of ours, `length` bytes (the memory of
+   * `IoRequest.buffer`, staged as it is): for SQEs that take an address themselves, such as the
+   * iovecs of a sendmsg that puts a WRITE's data on a socket. Valid until the request is
+   * completed; throws a SysError where the data cannot be reached from memory (as `buffer`).
+   */
+  bufferAddress(tag: number): number;
   /** Fills `len` bytes of request `tag`'s data from byte `at` with zeros (a READ past the end of a backing). */
   zeroRequest(tag: number, at: number, len: number): number;
   /**
@@ -144,8 +160,13 @@ export interface QueueHandler {
    * Async targets are served this way (async-target.ts).
    */
   readonly eventLoop?: boolean;
-  /** Called once when the queue shuts down (a Promise is awaited before the thread exits). */
-  close?(): void | Promise<void>;
+  /**
+   * Called once when the queue shuts down (a Promise is awaited before the thread exits).
+   * `drained` says whether every SQE the target put on the ring has completed (they are
+   * cancelled first): only then may it free memory those SQEs named. When false, memory the
+   * kernel may still write must be left mapped (the process exits soon anyway).
+   */
+  close?(state?: { drained: boolean }): void | Promise<void>;
 }
 
 /** What a queue thread is told about itself when its handler is opened. */
@@ -185,6 +206,12 @@ export interface DeviceSpec {
   fua?: boolean;
   /** Advertise DISCARD / WRITE_ZEROES with these limits (bytes). */
   discard?: { granularity: number; maxBytes: number; maxWriteZeroesBytes: number };
+  /**
+   * The most queues the target can serve, and why (nbd: a server that does not allow several
+   * connections; a target whose state lives in one thread). A device asked for more is refused
+   * before it exists, with the reason and the `-q` that works.
+   */
+  queueLimit?: { max: number; reason: string };
   /** Largest request in bytes (default 512 KiB; the I/O buffer of each tag has this size). */
   maxIoBytes?: number;
   /**
@@ -205,7 +232,7 @@ export interface DeviceSpec {
   release?(): void;
 }
 
-export interface TargetDefinition<Options = Record<string, unknown>> {
+export interface TargetDefinition<Options = Record<string, unknown>, Spec extends DeviceSpec | Promise<DeviceSpec> = DeviceSpec | Promise<DeviceSpec>> {
   /** The `-t` name. */
   readonly name: string;
   /** Help text for `ublk help -t NAME`: the target's own options. */
@@ -214,8 +241,11 @@ export interface TargetDefinition<Options = Record<string, unknown>> {
   parseArgs(argv: string[]): Options;
   /** Names of the target's counters (see `QueueInfo.counters`), e.g. `['fdatasync']`. */
   readonly counters?: readonly string[];
-  /** Main thread: validates options (throwing errors that name the fix) and shapes the device. */
-  prepare(options: Options): DeviceSpec;
+  /**
+   * Main thread: validates options (throwing errors that name the fix) and shapes the device.
+   * May be async (a network target asks its server what the device is).
+   */
+  prepare(options: Options): Spec;
   /** Queue thread: the handler for queue `qid`. */
   openQueue(options: Options, queue: QueueInfo): QueueHandler;
   /**
@@ -254,6 +284,6 @@ export class TargetError extends Error {
 }
 
 /** Identity helper that gives `defineTarget({...})` its types. */
-export function defineTarget<O>(def: TargetDefinition<O>): TargetDefinition<O> {
+export function defineTarget<O, S extends DeviceSpec | Promise<DeviceSpec> = DeviceSpec>(def: TargetDefinition<O, S>): TargetDefinition<O, S> {
   return def;
 }

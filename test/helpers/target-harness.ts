@@ -9,10 +9,13 @@
  * device, at the same user-copy positions (a sparse file: the kernel's side of each request is
  * the bytes at the tag's position, see requestBytes).
  */
-import { IoUring, Mapping, setUserData2, registerFiles, updateFiles, sys } from '../../src/uring/index.js';
+import { IoUring, Mapping, prepCancel2, setUserData2, registerFiles, updateFiles, sys } from '../../src/uring/index.js';
 import type { IoRequest, QueueContext, QueueHandler, TargetDefinition } from '../../src/ublk/target.js';
 import { DataHome, RequestData } from '../../src/ublk/request-data.js';
 import { userCopyOffset } from '../../src/ublk/abi.js';
+
+/** user_data of the harness's own cancel SQEs. */
+const CANCEL_SLOT = 0xffffffff;
 
 export interface HarnessOptions {
   depth?: number;
@@ -48,6 +51,8 @@ export class TargetHarness implements QueueContext {
   /** trackAndCommit()s seen (the queue would link their commit; here they only complete). */
   trackAndCommits = 0;
   private inFlight = 0;
+  /** Callback slots of trackBackground SQEs still in flight. */
+  private readonly background = new Set<number>();
   private files: number[] = [];
 
   constructor(def: TargetDefinition<any>, options: unknown, device: unknown, opts: HarnessOptions = {}) {
@@ -93,6 +98,17 @@ export class TargetHarness implements QueueContext {
     this.sqes.push(this.ring.sqes.slice(w, w + 16));
   }
 
+  /** As the queue does it: a request-less SQE that does not count for drain(); see runUntil. */
+  trackBackground(w: number, onCqe: (res: number, flags: number) => void): void {
+    const slot = this.callbacks.length;
+    this.callbacks.push(onCqe);
+    this.slotTag.push(-1);
+    this.inFlight++;
+    this.background.add(slot);
+    setUserData2(this.ring.sqes, w, slot, 0);
+    this.sqes.push(this.ring.sqes.slice(w, w + 16));
+  }
+
   /** As the queue does it, without the link: a CQE of exactly `expect` completes the request with `result`. */
   trackAndCommit(w: number, expect: number, result: number, onCqe: (res: number, flags: number) => void): void {
     const tag = this.current;
@@ -125,6 +141,10 @@ export class TargetHarness implements QueueContext {
 
   zeroRequest(tag: number, at: number, len: number): number {
     return this.data.zeroRequest(tag, at, len);
+  }
+
+  bufferAddress(tag: number): number {
+    return this.data.bufferAddress(tag);
   }
 
   /**
@@ -162,22 +182,41 @@ export class TargetHarness implements QueueContext {
       this.current = -1;
     }
     if (r !== undefined) this.complete(tag, r);
+    this.handler.afterBatch?.(this);
   }
 
-  /** Runs the ring until every tracked SQE has completed. */
+  /** Runs the ring until every tracked SQE has completed (background ones aside). */
   drain(): void {
-    while (this.inFlight > 0) {
-      this.ring.submit(1);
+    this.runUntil(() => this.inFlight === this.background.size);
+  }
+
+  /** Runs the ring for `ms` milliseconds (completions are handled as they come). */
+  runFor(ms: number): void {
+    const end = Date.now() + ms;
+    this.runUntil(() => Date.now() >= end, ms + 1000);
+  }
+
+  /**
+   * Runs the ring until `done()` holds (checked before each wait), for at most `timeoutMs`:
+   * for targets that complete requests from background SQEs (a socket's receive).
+   */
+  runUntil(done: () => boolean, timeoutMs = 10_000): void {
+    const until = Date.now() + timeoutMs;
+    while (!done()) {
+      if (Date.now() > until) throw new Error(`runUntil: not done after ${timeoutMs} ms`);
+      if (!this.ring.submitAndWaitTimeout(1, 100)) continue;
       const ready = this.ring.cqReady();
       const cq = this.ring.cq;
       for (let i = 0; i < ready; i++) {
         const c = this.ring.cqeAt(i);
         const slot = cq[c]!;
+        if (slot === CANCEL_SLOT) continue;
         const res = cq[c + 2]! | 0;
         const flags = cq[c + 3]!;
         const cb = this.callbacks[slot]!;
         this.callbacks[slot] = undefined;
         this.inFlight--;
+        this.background.delete(slot);
         this.sqeResults[slot] = res;
         this.current = this.slotTag[slot]!;
         try {
@@ -187,6 +226,7 @@ export class TargetHarness implements QueueContext {
         }
       }
       this.ring.cqAdvance(ready);
+      this.handler.afterBatch?.(this);
     }
   }
 
@@ -200,6 +240,17 @@ export class TargetHarness implements QueueContext {
   }
 
   close(): void {
+    // As the queue does: background SQEs (a socket's receive) are cancelled and reaped before
+    // their memory can go; their callbacks are not run.
+    if (this.background.size > 0) {
+      for (const slot of this.background) {
+        const w = this.getSqe();
+        prepCancel2(this.ring.sqes, w, slot, 0, 0);
+        setUserData2(this.ring.sqes, w, CANCEL_SLOT, 0);
+      }
+      for (const slot of this.background) this.callbacks[slot] = () => undefined;
+      this.runUntil(() => this.background.size === 0);
+    }
     this.handler.close?.();
     this.ring.close();
     this.bufs.unmap();
