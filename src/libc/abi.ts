@@ -118,7 +118,12 @@ export const EPIPE = 32;
 export const ENOSYS = 38;
 export const ETIME = 62;
 export const EOPNOTSUPP = 95;
+export const ECONNRESET = 104;
 export const ENOBUFS = 105;
+export const ENOTCONN = 107;
+export const ESHUTDOWN = 108;
+export const ETIMEDOUT = 110;
+export const ECONNREFUSED = 111;
 export const ECANCELED = 125;
 
 /**
@@ -128,6 +133,67 @@ export const ECANCELED = 125;
 export function isNegErrno(res: number): boolean {
   return Number.isInteger(res) && res < 0 && res >= -4095;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sockets (<sys/socket.h>, <netinet/in.h>, <netinet/tcp.h>, <sys/un.h>, <sys/uio.h>): what a
+// network target (nbd) needs to open, tune and talk over a socket with io_uring's SOCKET,
+// CONNECT, SENDMSG and RECV.
+// ---------------------------------------------------------------------------------------------
+export const SYS_setsockopt = 54;
+export const AF_UNIX = 1;
+export const AF_INET = 2;
+export const AF_INET6 = 10;
+export const SOCK_STREAM = 1;
+export const SOCK_CLOEXEC = 0o2000000;
+export const SOL_SOCKET = 1;
+export const SO_KEEPALIVE = 9;
+export const IPPROTO_TCP = 6;
+export const TCP_NODELAY = 1;
+export const TCP_USER_TIMEOUT = 18;
+export const MSG_WAITALL = 0x100;
+export const MSG_NOSIGNAL = 0x4000;
+export const SHUT_RDWR = 2;
+
+export const iovec = {
+  SIZE: 16,
+  iov_base: 0,
+  iov_len: 8,
+} as const;
+
+export const msghdr = {
+  SIZE: 56,
+  msg_name: 0,
+  msg_namelen: 8,
+  msg_iov: 16,
+  msg_iovlen: 24,
+  msg_control: 32,
+  msg_controllen: 40,
+  msg_flags: 48,
+} as const;
+
+/** Family u16 in host order; port u16 and address in network order. */
+export const sockaddr_in = {
+  SIZE: 16,
+  sin_family: 0,
+  sin_port: 2,
+  sin_addr: 4,
+} as const;
+
+export const sockaddr_in6 = {
+  SIZE: 28,
+  sin6_family: 0,
+  sin6_port: 2,
+  sin6_flowinfo: 4,
+  sin6_addr: 8,
+  sin6_scope_id: 24,
+} as const;
+
+/** A path of at most 107 bytes and its NUL in sun_path. */
+export const sockaddr_un = {
+  SIZE: 110,
+  sun_family: 0,
+  sun_path: 2,
+} as const;
 
 // <sys/vfs.h>: fstatfs(2)'s buffer; only the file system's magic number is read.
 export const statfs = {

@@ -15,7 +15,7 @@ import { writeSync } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import {
   SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register, SYS_gettid, SYS_eventfd2, SYS_ioctl,
-  SYS_fcntl, SYS_fstatfs, SYS_prctl, F_GETFL, F_SETFL, statfs,
+  SYS_fcntl, SYS_fstatfs, SYS_prctl, SYS_setsockopt, F_GETFL, F_SETFL, statfs,
 } from './abi.js';
 
 const libc = koffi.load('libc.so.6');
@@ -250,4 +250,13 @@ export function gettid(): number {
 /** `prctl(option, arg2)` through the raw syscall (glibc's wrapper is variadic); returns its result. */
 export function prctl(option: number, arg2: number): number {
   return check(syscall6(SYS_prctl, option, arg2, 0, 0, 0), () => `prctl(${option}, ${arg2})`);
+}
+
+/**
+ * `setsockopt(fd, level, name, &value, sizeof(int))` for the int-valued options (TCP_NODELAY,
+ * SO_KEEPALIVE, TCP_USER_TIMEOUT). `scratch` is 4 bytes of mapped memory the value passes through.
+ */
+export function setsockoptInt(fd: number, level: number, name: number, value: number, scratch: number): void {
+  new Int32Array(koffi.view(scratch, 4) as ArrayBuffer)[0] = value;
+  check(syscall6(SYS_setsockopt, fd, level, name, scratch, 4), () => `setsockopt(fd=${fd}, level ${level}, option ${name})`);
 }

@@ -22,7 +22,7 @@ import {
   IORING_OP_READ_FIXED, IORING_OP_WRITE_FIXED, IORING_OP_FSYNC, IORING_OP_FALLOCATE,
   IORING_OP_POLL_ADD, IORING_OP_POLL_REMOVE, IORING_OP_TIMEOUT, IORING_OP_TIMEOUT_REMOVE,
   IORING_OP_LINK_TIMEOUT, IORING_OP_ASYNC_CANCEL, IORING_OP_URING_CMD, IORING_OP_SEND,
-  IORING_OP_RECV, IORING_OP_OPENAT, IORING_OP_CLOSE, IORING_FSYNC_DATASYNC, IOSQE_FIXED_FILE, IOSQE_BUFFER_SELECT, IORING_ASYNC_CANCEL_FD,
+  IORING_OP_RECV, IORING_OP_OPENAT, IORING_OP_CLOSE, IORING_OP_SENDMSG, IORING_OP_SOCKET, IORING_OP_CONNECT, IORING_OP_SHUTDOWN, IORING_FSYNC_DATASYNC, IOSQE_FIXED_FILE, IOSQE_BUFFER_SELECT, IORING_ASYNC_CANCEL_FD,
 } from './abi.js';
 
 /**
@@ -299,6 +299,27 @@ export function prepSend(s: Uint32Array, w: number, fd: number, addr: number, le
 export function prepRecv(s: Uint32Array, w: number, fd: number, addr: number, len: number, msgFlags: number): void {
   prepRw(s, w, IORING_OP_RECV, fd, addr, len, 0);
   s[w + 7] = msgFlags;
+}
+
+/** `io_uring_prep_sendmsg`: `msg` is the address of a `struct msghdr` (and its iovecs) in mapped memory. */
+export function prepSendmsg(s: Uint32Array, w: number, fd: number, msg: number, msgFlags: number): void {
+  prepRw(s, w, IORING_OP_SENDMSG, fd, msg, 1, 0);
+  s[w + 7] = msgFlags;
+}
+
+/** `io_uring_prep_socket` (5.19): the result is the new descriptor. `type` may carry SOCK_CLOEXEC. */
+export function prepSocket(s: Uint32Array, w: number, domain: number, type: number, protocol: number): void {
+  prepRw(s, w, IORING_OP_SOCKET, domain, 0, protocol, type);
+}
+
+/** `io_uring_prep_connect`: `addr` is a sockaddr of `addrLen` bytes in mapped memory. */
+export function prepConnect(s: Uint32Array, w: number, fd: number, addr: number, addrLen: number): void {
+  prepRw(s, w, IORING_OP_CONNECT, fd, addr, 0, addrLen);
+}
+
+/** `io_uring_prep_shutdown`: shutdown(2) with `how` (SHUT_RD, SHUT_WR, SHUT_RDWR). */
+export function prepShutdown(s: Uint32Array, w: number, fd: number, how: number): void {
+  prepRw(s, w, IORING_OP_SHUTDOWN, fd, 0, how, 0);
 }
 
 /**

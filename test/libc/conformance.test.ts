@@ -21,6 +21,11 @@ await checkAbi(t, abi, {
     '<poll.h>',
     '<errno.h>',
     '<sys/vfs.h>',
+    '<sys/socket.h>',
+    '<netinet/in.h>',
+    '<netinet/tcp.h>',
+    '<sys/un.h>',
+    '<sys/uio.h>',
   ],
   headerSets: [
     systemHeaderSet({ mustHaveAll: true }),
