@@ -160,7 +160,7 @@ export async function add(argv: string[]): Promise<number> {
   try {
     const spec = await t.def.prepare(cfg.targetOptions);
     try {
-      const problem = specProblem(spec, cfg.maxIoBytes ?? spec.maxIoBytes ?? DEFAULT_MAX_IO_BYTES);
+      const problem = specProblem(spec, cfg.maxIoBytes ?? spec.maxIoBytes ?? DEFAULT_MAX_IO_BYTES, cfg.queues);
       if (problem) throw new UblkError(`${type}: ${problem}`);
     } finally {
       spec.release?.();

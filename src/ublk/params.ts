@@ -174,7 +174,10 @@ export const isPowerOfTwo = (n: number): boolean => Number.isInteger(n) && n > 0
  * can: the rules SET_PARAMS enforces (ublk_validate_params in ublk_drv.c), checked before any
  * device exists so a user sees one clear line instead of an EINVAL after ADD_DEV.
  */
-export function specProblem(spec: DeviceSpec, maxIoBytes: number): string | undefined {
+export function specProblem(spec: DeviceSpec, maxIoBytes: number, queues = 1): string | undefined {
+  if (spec.queueLimit !== undefined && queues > spec.queueLimit.max) {
+    return `${spec.queueLimit.reason}: it can serve at most ${spec.queueLimit.max} queue(s); use -q ${spec.queueLimit.max}`;
+  }
   const lbs = spec.logicalBlockSize ?? SECTOR_SIZE;
   const pbs = spec.physicalBlockSize ?? lbs;
   // The kernel refuses a logical block larger than a page (logical_bs_shift > PAGE_SHIFT).

@@ -204,7 +204,7 @@ export class UblkServer {
     let live = false;
     const started: QueueThread[] = [];
     try {
-      const problem = specProblem(spec, maxIoBytes);
+      const problem = specProblem(spec, maxIoBytes, queues);
       if (problem) throw new UblkError(problem);
       const params = paramsFor(spec, maxIoBytes);
       checkAbort();
