@@ -10,8 +10,9 @@
 #   busybox-static, cpio, kmod, xz-utils  the initramfs and module handling
 #   e2fsprogs        mkfs/fsck for the file-system tests run in the guest
 #   python3-minimal  the loop tests' SEEK_DATA/SEEK_HOLE maps and edge-case pread/pwrite in the guest
-#   nbdkit, nbd-server, nbd-client  NBD servers the nbd target is tested against, and the kernel's
-#                    own NBD client it is benchmarked against
+#   nbdkit           the NBD server the nbd target's host tests talk to (and the VM tests)
+#   nbd-server, nbd-client  (VM) another NBD server to test against, and the kernel's own NBD
+#                    client the nbd target is benchmarked against
 #   qemu-utils       qemu-img (qcow2 images, check, compare), qemu-nbd, qemu-io for the qcow2 target
 #                    (qemu-storage-daemon comes with qemu-system-x86's qemu-system-common)
 # Then it warms the caches (sid headers; with --vm the LTS and newest kernels).
@@ -19,8 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 vm=0
 [ "${1:-}" = --vm ] && vm=1
-pkgs=(gcc libc6-dev liburing-dev fio ca-certificates qemu-utils)
-[ $vm = 0 ] || pkgs+=(qemu-system-x86 busybox-static cpio kmod xz-utils e2fsprogs python3-minimal nbdkit nbd-server nbd-client)
+pkgs=(gcc libc6-dev liburing-dev fio ca-certificates qemu-utils nbdkit)
+[ $vm = 0 ] || pkgs+=(qemu-system-x86 busybox-static cpio kmod xz-utils e2fsprogs python3-minimal nbd-server nbd-client)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -17,6 +17,8 @@ const modules: Record<string, string> = {
   mem: new URL(`./mem${ext}`, import.meta.url).href,
   overlay: new URL(`./overlay${ext}`, import.meta.url).href,
   fault: new URL(`./fault${ext}`, import.meta.url).href,
+  nbd: new URL(`./nbd${ext}`, import.meta.url).href,
+  qcow2: new URL(`./qcow2${ext}`, import.meta.url).href,
 };
 
 export const targetNames = Object.keys(modules);
