@@ -6,6 +6,7 @@
  *
  *   npm run vm -- node --import tsx test/vm/run-in-vm.ts [FILTER...]   (files whose name holds any FILTER)
  */
+import t from 'tap';
 import { readdirSync } from 'node:fs';
 import { IoUring } from '../../src/uring/index.js';
 import { EXT } from './helpers.js';
@@ -28,4 +29,22 @@ const dir = new URL('.', import.meta.url);
 // Through tsx the suite is the .vm.ts files; compiled (build/vm, which CI runs) the .vm.js files.
 const files = readdirSync(dir).filter((f) => f.endsWith(`.vm${EXT}`) && (filters.length === 0 || filters.some((x) => f.includes(x)))).sort();
 if (files.length === 0) throw new Error(`no VM test matches ${filters.join(' or ')}`);
-for (const f of files) await import(new URL(f, dir).href);
+// Seconds per file, printed as TAP comments at the end: what the suite's time is spent on, for
+// keeping it inside its budget. Each top-level test is counted to the file whose import added it.
+const fileOf = new Map<object, string>();
+const seconds = new Map<string, number>();
+let importing = '';
+const root = t as unknown as { on(event: string, fn: (st: { name?: string; time?: number }) => void): void };
+root.on('subtestAdd', (st) => { fileOf.set(st, importing); });
+root.on('subtestEnd', (st) => {
+  const f = fileOf.get(st);
+  if (f !== undefined) seconds.set(f, (seconds.get(f) ?? 0) + (st.time ?? 0) / 1000);
+});
+t.teardown(() => {
+  const rows = [...seconds].sort((a, b) => b[1] - a[1]).map(([f, s]) => `${f} ${s.toFixed(0)} s`);
+  console.log(`# seconds per file: ${rows.join(', ')}`);
+});
+for (const f of files) {
+  importing = f;
+  await import(new URL(f, dir).href);
+}
