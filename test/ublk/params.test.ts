@@ -98,6 +98,9 @@ t.test('a device spec becomes SET_PARAMS in 512-byte sectors', (t) => {
 
 t.test('shapes the kernel would refuse after ADD_DEV are refused before, with the reason', (t) => {
   t.equal(specProblem({ sizeBytes: 2 ** 30 }, 512 * 1024), undefined, 'a plain 1 GiB disk is fine');
+  const limited = { sizeBytes: 2 ** 30, queueLimit: { max: 1, reason: 'one thread holds the cache' } };
+  t.equal(specProblem(limited, 512 * 1024, 1), undefined, 'a queue limit met');
+  t.equal(specProblem(limited, 512 * 1024, 2), 'one thread holds the cache: it can serve at most 1 queue(s); use -q 1', 'a queue limit exceeded names the reason and the -q that works');
   t.match(specProblem({ sizeBytes: 1000 }, 4096), /multiple of the logical block size 512, got 1000/);
   t.match(specProblem({ sizeBytes: 1 }, 4096), /multiple of the logical block size/);
   t.match(specProblem({ sizeBytes: 0 }, 4096), /positive multiple/);
