@@ -149,6 +149,8 @@ export interface Qcow2Stats {
 }
 
 interface Meta {
+  /** Where the table lives in the file. */
+  off: number;
   buf: Buffer;
   /** Byte range not yet in the file: [lo, hi); lo >= hi when clean. */
   lo: number;
@@ -335,6 +337,9 @@ export class Qcow2Image implements BackingImage {
   private readonly refTableDirty = new Set<number>();
   private readonly l2Cache = new Map<number, Meta>();
   private readonly rbCache = new Map<number, Meta>();
+  /** The cached tables with bytes not yet in the file (a flush visits only these). */
+  private readonly l2Dirty = new Set<Meta>();
+  private readonly rbDirty = new Set<Meta>();
   private readonly cacheLimit: number;
   /** Clusters past the last one the file holds: where allocation may always go. */
   private fileClusters: number;
@@ -664,8 +669,9 @@ export class Qcow2Image implements BackingImage {
     let meta: Meta;
     if (l2Off === 0) {
       l2Off = this.allocCluster();
-      meta = { buf: Buffer.alloc(this.clusterSize), lo: 0, hi: this.clusterSize };
+      meta = { off: l2Off, buf: Buffer.alloc(this.clusterSize), lo: 0, hi: this.clusterSize };
       this.l2Cache.set(l2Off, meta);
+      this.l2Dirty.add(meta);
       this.l1.writeBigUInt64BE(BigInt(l2Off) | OFLAG_COPIED, l1i * 8);
       this.l1Dirty.add(l1i);
       this.stats.newL2Tables++;
@@ -680,6 +686,7 @@ export class Qcow2Image implements BackingImage {
     meta.buf.writeBigUInt64BE(e, at);
     meta.lo = Math.min(meta.lo, at);
     meta.hi = Math.max(meta.hi, at + 8);
+    this.l2Dirty.add(meta);
   }
 
   private l2Table(off: number): Meta {
@@ -693,7 +700,7 @@ export class Qcow2Image implements BackingImage {
     const buf = Buffer.alloc(this.clusterSize);
     const n = this.io.read(this.fd, buf, 0, buf.length, off);
     if (n < buf.length && off >= this.fileClusters * this.clusterSize) throw this.corrupt(`a ${what} at ${off} lies past the end of the file`);
-    m = { buf, lo: this.clusterSize, hi: 0 };
+    m = { off, buf, lo: this.clusterSize, hi: 0 };
     cache.set(off, m);
     return m;
   }
@@ -751,6 +758,7 @@ export class Qcow2Image implements BackingImage {
     const at = this.rcSet(meta.buf, c - ti * per, v);
     meta.lo = Math.min(meta.lo, at);
     meta.hi = Math.max(meta.hi, at + Math.max(1, this.refBits / 8));
+    this.rbDirty.add(meta);
   }
 
   /** A new, empty refcount block for range `ti`, on its first free cluster other than `avoid`; returns its offset. */
@@ -761,7 +769,8 @@ export class Qcow2Image implements BackingImage {
     let c = ti * per;
     if (c === avoid) c++;
     const off = c * this.clusterSize;
-    const meta: Meta = { buf: Buffer.alloc(this.clusterSize), lo: 0, hi: this.clusterSize };
+    const meta: Meta = { off, buf: Buffer.alloc(this.clusterSize), lo: 0, hi: this.clusterSize };
+    this.rbDirty.add(meta);
     this.rcSet(meta.buf, c - ti * per, 1);
     this.rbCache.set(off, meta);
     this.refTable.writeBigUInt64BE(BigInt(off), ti * 8);
@@ -831,7 +840,7 @@ export class Qcow2Image implements BackingImage {
     const total = tableClusters + blocks.length;
     for (let k = 0; k < total; k++) count(start + k);
     // Existing blocks first (the counts of the new table's clusters that fall in covered ranges).
-    for (const [off, m] of this.rbCache) this.writeMeta(off, m);
+    this.writeDirty(this.rbDirty);
     blocks.forEach((r, k) => this.io.write(this.fd, newBlocks.get(r)!, 0, cs, blockOff(k)));
     this.io.write(this.fd, table, 0, table.length, start * cs);
     this.sync();
@@ -846,7 +855,7 @@ export class Qcow2Image implements BackingImage {
     this.refTableOffset = start * cs;
     this.header.refTableOffset = this.refTableOffset;
     this.header.refTableClusters = tableClusters;
-    blocks.forEach((r, k) => this.rbCache.set(blockOff(k), { buf: newBlocks.get(r)!, lo: cs, hi: 0 }));
+    blocks.forEach((r, k) => this.rbCache.set(blockOff(k), { off: blockOff(k), buf: newBlocks.get(r)!, lo: cs, hi: 0 }));
     this.fileClusters = Math.max(this.fileClusters, start + total);
     this.refTableDirty.clear();
     // The old table is no longer referenced by the (durable) header.
@@ -887,8 +896,7 @@ export class Qcow2Image implements BackingImage {
 
   /** Whether anything is waiting for a flush (metadata in memory, or freed clusters). */
   get dirty(): boolean {
-    const d = (c: Map<number, Meta>) => { for (const m of c.values()) if (m.lo < m.hi) return true; return false; };
-    return d(this.rbCache) || d(this.l2Cache) || this.l1Dirty.size > 0 || this.refTableDirty.size > 0 || this.pendingFree.length > 0;
+    return this.rbDirty.size > 0 || this.l2Dirty.size > 0 || this.l1Dirty.size > 0 || this.refTableDirty.size > 0 || this.pendingFree.length > 0;
   }
 
   /**
@@ -899,15 +907,13 @@ export class Qcow2Image implements BackingImage {
   flush(): void {
     if (this.readOnly || this.closed) return;
     this.stats.flushes++;
-    for (const [off, m] of this.rbCache) this.writeMeta(off, m);
+    this.writeDirty(this.rbDirty);
     this.sync(); // written data and refcounts
     if (this.refTableDirty.size) {
       this.writeEntries(this.refTable, this.refTableDirty, this.refTableOffset);
       this.sync();
     }
-    let l2 = false;
-    for (const [off, m] of this.l2Cache) l2 = this.writeMeta(off, m) || l2;
-    if (l2) this.sync();
+    if (this.writeDirty(this.l2Dirty)) this.sync();
     if (this.l1Dirty.size) {
       this.writeEntries(this.l1, this.l1Dirty, this.header.l1Offset);
       this.sync();
@@ -922,14 +928,20 @@ export class Qcow2Image implements BackingImage {
     this.stats.syncs++;
   }
 
-  /** Writes a cached table's dirty bytes (whole 512-byte sectors); returns whether it wrote. */
-  private writeMeta(off: number, m: Meta): boolean {
-    if (m.lo >= m.hi) return false;
-    const lo = m.lo - (m.lo % 512);
-    const hi = Math.min(m.buf.length, Math.ceil(m.hi / 512) * 512);
-    this.io.write(this.fd, m.buf, lo, hi - lo, off + lo);
-    m.lo = m.buf.length;
-    m.hi = 0;
+  /** Writes the dirty bytes of the tables in `set` (whole 512-byte sectors), in file order; returns whether it wrote. */
+  private writeDirty(set: Set<Meta>): boolean {
+    if (set.size === 0) return false;
+    for (const m of [...set].sort((a, b) => a.off - b.off)) {
+      // Each is clean once written: a failed write leaves the rest in the set for the next flush.
+      if (m.lo < m.hi) {
+        const lo = m.lo - (m.lo % 512);
+        const hi = Math.min(m.buf.length, Math.ceil(m.hi / 512) * 512);
+        this.io.write(this.fd, m.buf, lo, hi - lo, m.off + lo);
+        m.lo = m.buf.length;
+        m.hi = 0;
+      }
+      set.delete(m);
+    }
     return true;
   }
 
@@ -951,7 +963,7 @@ export class Qcow2Image implements BackingImage {
     if (bytes <= this.cacheLimit) return;
     this.flush();
     this.flush(); // the second writes the refcounts the first one freed
-    for (const c of [this.l2Cache, this.rbCache]) for (const [off, m] of c) if (m.lo >= m.hi) c.delete(off);
+    for (const c of [this.l2Cache, this.rbCache]) for (const [off, m] of c) if (!this.l2Dirty.has(m) && !this.rbDirty.has(m)) c.delete(off);
   }
 
   // ---- the rest ----

@@ -92,6 +92,7 @@ t.test('options, and the device shape', async (t) => {
   });
   t.match(h.spec.describe, { file: f, version: 3, cluster_size: 65536, virtual_size: 32 * M, refcount_bits: 16 });
   t.ok(h.spec.discard!.maxWriteZeroesBytes > 0, 'write-zeroes advertised');
+  t.match(h.spec.queueLimit, { max: 1, reason: /one queue/ }, '`add -q 2` is refused before a device exists');
   await t.rejects(h.openQueue(1), /serves one queue \(-q 1\).*queue 1/, 'a second queue is refused, naming -q 1');
   t.equal(await h.request('write', 4096, 4096, fill(0x11, 4096)), 4096);
   t.equal(await h.request('flush'), 0);
@@ -249,12 +250,13 @@ function fuzz(img: Qcow2Image, model: Buffer, rnd: () => number, ops: number, on
   }
 }
 
-for (const cfg of [CONFIGS[0]!, CONFIGS[2]!, CONFIGS[4]!]) {
-  t.test(`${cfg.name}: random writes, zeroes, discards and flushes match a model; qemu-img agrees`, (t) => {
+for (const [cfg, cacheBytes] of [[CONFIGS[0]!, undefined], [CONFIGS[2]!, 16 * 4096], [CONFIGS[4]!, undefined]] as const) {
+  const small = cacheBytes ? `, a ${cacheBytes / 1024} KiB table cache (flushed and emptied as it fills)` : '';
+  t.test(`${cfg.name}${small}: random writes, zeroes, discards and flushes match a model; qemu-img agrees`, (t) => {
     const size = 8 * M;
     const f = create('fuzz.qcow2', size, cfg.opts);
     const model = Buffer.alloc(size);
-    let img = Qcow2Image.open(f);
+    let img = Qcow2Image.open(f, { cacheBytes });
     fuzz(img, model, seededRandom(42), 1500);
     t.ok(readAll(img).equals(model), 'the engine reads the model');
     img.close();
