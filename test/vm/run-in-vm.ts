@@ -6,7 +6,6 @@
  *
  *   npm run vm -- node --import tsx test/vm/run-in-vm.ts [FILTER...]   (files whose name holds any FILTER)
  */
-import t from 'tap';
 import { readdirSync } from 'node:fs';
 import { IoUring } from '../../src/uring/index.js';
 import { EXT } from './helpers.js';
@@ -31,6 +30,9 @@ const files = readdirSync(dir).filter((f) => f.endsWith(`.vm${EXT}`) && (filters
 if (files.length === 0) throw new Error(`no VM test matches ${filters.join(' or ')}`);
 // Seconds per file, printed as TAP comments at the end: what the suite's time is spent on, for
 // keeping it inside its budget. Each top-level test is counted to the file whose import added it.
+// Imported here, after TAP_TIMEOUT is set above: a static import would load tap first, and its
+// root test would get the 30 s default.
+const { t } = await import('tap');
 const fileOf = new Map<object, string>();
 const seconds = new Map<string, number>();
 let importing = '';
