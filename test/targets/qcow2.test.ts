@@ -166,6 +166,28 @@ t.test('refusals name the feature and the way out', (t) => {
   t.end();
 });
 
+t.test('a persistent bitmap: a writable open clears the autoclear bit, so qemu knows the bitmaps are stale (leaks only)', (t) => {
+  const f = create('bitmap.qcow2', 16 * M);
+  qemuImg('bitmap', '--add', f, 'b0');
+  qemuIo(f, 'write -P 1 0 1M');
+  const ro = Qcow2Image.open(f, { readOnly: true });
+  t.equal(ro.header.autoclear, 1n, 'qemu set autoclear bit 0 (bitmaps consistent)');
+  ro.close();
+  const img = Qcow2Image.open(f);
+  img.write(2 * M, fill(2, 64 * K));
+  img.close();
+  const b = Buffer.alloc(8);
+  const fd = openSync(f, 'r');
+  readSync(fd, b, 0, 8, 88);
+  closeSync(fd);
+  t.equal(b.readBigUInt64BE(0), 0n, 'the autoclear bits are 0 in the file');
+  const c = check(f);
+  t.ok(c.code === 0 || c.code === 3, `qemu-img check: no corruption (exit ${c.code})`);
+  t.match(c.out, /lacking bitmap support modified this file/, 'and qemu says the bitmaps are inconsistent');
+  qemuIo(f, 'read -P 1 0 1M', `read -P 2 ${2 * M} 64k`);
+  t.end();
+});
+
 const CONFIGS = [
   { name: 'v2 (compat=0.10) 64K', opts: 'compat=0.10,cluster_size=65536' },
   { name: 'v3 64K', opts: 'compat=1.1,cluster_size=65536' },
