@@ -396,10 +396,11 @@ class NbdQueue implements QueueHandler {
   }
 
   close(state?: { drained: boolean }): void {
+    const wasReady = this.state === Conn.Ready;
     this.state = Conn.Closed;
     if (this.fd >= 0) {
-      // A polite goodbye when the stream is at a message boundary (no send cut short).
-      if (!this.sending) {
+      // A polite goodbye when the stream is at a message boundary (past the handshake, no send cut short).
+      if (wasReady && !this.sending) {
         try {
           this.writeHeader(this.hsAt, nbd.NBD_CMD_DISC, 0, 0, 0, 0);
           sys.write(this.fd, this.mem.address + this.hsAt, nbd.NBD_REQUEST_BYTES);
