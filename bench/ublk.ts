@@ -15,6 +15,7 @@
  *
  *   npm run bench:ublk -- [--suite all|null|loop|cost|modes|shmem|async] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
  *   modes suite: [--mode copy,user_copy,zero_copy,auto_zc,copy+b,auto_zc+b] [--targets null,mem,loop-tmpfs,loop-ext4] [--qds 1,32,128] [--queues 1,2] [--threads 1,2]
+ *   qcow2 suite (bench/ublk-qcow2.ts: -t qcow2 vs qemu-storage-daemon's NBD export + nbd-client, same image): [--mib N] [--qds 1,32]
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { writeFileSync, existsSync, readdirSync, readFileSync } from 'node:fs';
@@ -779,4 +780,5 @@ if (suite === 'cost') Object.assign(out, await costSuite());
 if (suite === 'modes') Object.assign(out, await modesSuite());
 if (suite === 'shmem') Object.assign(out, await shmemSuite());
 if (suite === 'async') Object.assign(out, await asyncSuite());
+if (suite === 'qcow2') Object.assign(out, await (await import('./ublk-qcow2.js')).qcow2Suite({ KROOT, opt, runFio, setNone, ublkAdd, ublkDel, sampleSet, k, header }));
 if (json) console.log(JSON.stringify(out));
