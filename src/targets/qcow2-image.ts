@@ -410,6 +410,20 @@ export class Qcow2Image implements BackingImage {
     this.refTable = Buffer.alloc(hd.refTableClusters * this.clusterSize);
     this.refTableOffset = hd.refTableOffset;
     if (io.read(fd, this.refTable, 0, this.refTable.length, hd.refTableOffset) !== this.refTable.length) fail(path, 'the refcount table lies past the end of the file: the image is truncated');
+    // Allocation goes past the last cluster in use, which a refcount may place beyond the end of
+    // the file (a preallocated image, a file cut short): the last non-zero refcount counts too.
+    const per = 2 ** this.rbShift;
+    for (let ti = this.refTable.length / 8 - 1; ti >= 0; ti--) {
+      const rb = num(u64(this.refTable, ti * 8) & REFT_OFFSET_MASK);
+      if (rb === 0) continue;
+      const b = this.loadMeta(this.rbCache, rb, 'refcount block').buf;
+      let i = per - 1;
+      while (i >= 0 && this.rcGet(b, i) === 0) i--;
+      if (i >= 0) {
+        this.fileClusters = Math.max(this.fileClusters, ti * per + i + 1);
+        break;
+      }
+    }
     if (!this.readOnly && hd.autoclear !== 0n) {
       // Bitmaps (autoclear bit 0) would go stale under writes we do not track: the spec says a
       // writer that does not update them clears the bits, which tells readers to ignore them.

@@ -197,6 +197,8 @@ const CONFIGS = [
   { name: 'v3 64K refcount_bits=1', opts: 'compat=1.1,refcount_bits=1' },
   { name: 'v3 4K refcount_bits=8', opts: 'compat=1.1,cluster_size=4096,refcount_bits=8' },
   { name: 'v3 64K refcount_bits=64', opts: 'compat=1.1,refcount_bits=64' },
+  { name: 'v3 64K preallocation=metadata', opts: 'compat=1.1,preallocation=metadata' },
+  { name: 'v2 4K preallocation=falloc', opts: 'compat=0.10,cluster_size=4096,preallocation=falloc' },
 ];
 
 for (const cfg of CONFIGS) {
