@@ -13,8 +13,9 @@
  * target with the kernel's loop driver (losetup --direct-io=on) over the same file (on tmpfs, and
  * on ext4 on a RAM disk), and our mem target with brd, at 1 queue and QD 1, 32 and 128.
  *
- *   npm run bench:ublk -- [--suite all|null|loop|cost|modes|shmem|async] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
+ *   npm run bench:ublk -- [--suite all|null|loop|cost|modes|shmem|async|nbd] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
  *   modes suite: [--mode copy,user_copy,zero_copy,auto_zc,copy+b,auto_zc+b] [--targets null,mem,loop-tmpfs,loop-ext4] [--qds 1,32,128] [--queues 1,2] [--threads 1,2]
+ *   nbd suite (bench/ublk-nbd.ts: -t nbd vs the kernel's nbd-client, same nbdkit): [--transports tcp,unix] [--queues 1,2] [--qds 1,32]
  *   qcow2 suite (bench/ublk-qcow2.ts: -t qcow2 vs qemu-storage-daemon's NBD export + nbd-client, same image): [--mib N] [--qds 1,32]
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
@@ -780,5 +781,6 @@ if (suite === 'cost') Object.assign(out, await costSuite());
 if (suite === 'modes') Object.assign(out, await modesSuite());
 if (suite === 'shmem') Object.assign(out, await shmemSuite());
 if (suite === 'async') Object.assign(out, await asyncSuite());
+if (suite === 'nbd') Object.assign(out, await (await import('./ublk-nbd.js')).nbdSuite({ KROOT, opt, runFio, setNone, ublkAdd, ublkDel, sampleSet, k, header }));
 if (suite === 'qcow2') Object.assign(out, await (await import('./ublk-qcow2.js')).qcow2Suite({ KROOT, opt, runFio, setNone, ublkAdd, ublkDel, sampleSet, k, header }));
 if (json) console.log(JSON.stringify(out));
