@@ -1,7 +1,7 @@
 /**
  * Devices added and deleted by one process, through the compiled library (as `ublk add` runs
- * it): no fd, mapping, thread or device may be left over. 20 cycles in `npm test` (any leak per
- * cycle shows as 20 of something); UBLK_CYCLES=100 for the full count.
+ * it): no fd, mapping, thread or device may be left over. 10 cycles in `npm test` (any leak per
+ * cycle shows as 10 of something); UBLK_CYCLES=100 for the full count.
  */
 import t from 'tap';
 import { readdirSync, readFileSync } from 'node:fs';
@@ -18,7 +18,7 @@ const snapshot = () => ({
   devices: ublkIds().length,
 });
 
-const CYCLES = Number(process.env.UBLK_CYCLES ?? 20);
+const CYCLES = Number(process.env.UBLK_CYCLES ?? 10);
 
 t.test(`${CYCLES} add/del cycles leak nothing`, async (t) => {
   const cycle = async (queues: number) => {

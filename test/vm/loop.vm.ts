@@ -16,8 +16,8 @@ import { loadTarget } from '../../src/targets/index.js';
 import { addDevice, alive, exists, ext4RoundTrip, fio, fioBackground, fioVerify, ublk, ublkIds, waitFor, noDeviceLeftBehind } from './helpers.js';
 
 const MiB = 2 ** 20;
-/** fio's volume per verify pass: 64 MiB in `npm test` (the VM time budget), UBLK_VERIFY_MIB=256 the full count. */
-const VERIFY = Number(process.env.UBLK_VERIFY_MIB ?? 64) * MiB;
+/** fio's volume per verify pass: 32 MiB in `npm test` (the VM time budget), UBLK_VERIFY_MIB=256 the full count. */
+const VERIFY = Number(process.env.UBLK_VERIFY_MIB ?? 32) * MiB;
 const work = mkdtempSync('/tmp/ublk-loop-');
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
 const { def: loop, url: LOOP_URL } = (await loadTarget('loop'))!;
