@@ -212,7 +212,7 @@ for (const queues of [1, 2]) {
       const bs = queues === 1 ? '4k' : '64k';
       let r = fioVerify(dev, { bs, engine: 'io_uring', jobs: queues, total: VERIFY, qd: 32 });
       t.ok(verifyOk(r, VERIFY), `${bs} QD 32: ${verifyMsg(r)}`);
-      r = fioVerify(dev, { bs: '64k', engine: 'libaio', jobs: queues, total: VERIFY, qd: 16, verifyOnly: true });
+      r = fioVerify(dev, { bs, engine: 'libaio', jobs: queues, total: VERIFY, qd: 16, verifyOnly: true }); // the same blocks, read back
       t.ok(verifyOk(r, VERIFY, false), `verify-only pass over what the server holds: ${verifyMsg(r)}`);
       await deleteDevice(t, id);
       t.ok(await waitFor(() => connectionsTo(port) === 0, 10_000), 'del closed the connections');
