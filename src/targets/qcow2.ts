@@ -14,8 +14,11 @@
  * make synchronous file calls (pread, pwrite, fdatasync) and answer at once, so a request costs
  * no event-loop turn; the queue thread blocks in them, as loop's buffered mode would.
  *
- * The device: the image's virtual size; 4096-byte logical blocks when the size allows (512
- * otherwise); a volatile write cache with FUA, because a cluster allocated by a write becomes
+ * The device: the image's virtual size; 512-byte logical blocks, as QEMU presents a qcow2 disk
+ * to a guest by default, so partition tables and file systems written by a VM read back at the
+ * sectors they were written to (a 4096-byte logical block would move a GPT from byte 512 to
+ * 4096), and 4096-byte physical blocks when the cluster allows, so file systems made here write
+ * whole 4 KiB blocks; a volatile write cache with FUA, because a cluster allocated by a write becomes
  * reachable on disk only at the next FLUSH (the metadata is written then, in order); DISCARD and
  * WRITE_ZEROES in whole clusters (see Qcow2Image.discard / writeZeroes). `--read-only` opens
  * the image O_RDONLY and makes a read-only disk; an image with internal snapshots can only be
@@ -47,7 +50,7 @@ const COUNTERS = ['allocated_clusters', 'new_l2_tables', 'cow_reads', 'compresse
 
 /** The device shape for an image (exported for the tests). */
 export function qcow2Shape(img: Qcow2Image, readOnly: boolean): DeviceSpec {
-  const lbs = img.size % 4096 === 0 ? 4096 : 512;
+  const lbs = 512;
   const granularity = Math.max(img.clusterSize, lbs);
   return {
     sizeBytes: img.size,

@@ -87,7 +87,7 @@ t.test('options, and the device shape', async (t) => {
   const f = create('shape.qcow2', 32 * M, 'compat=1.1,cluster_size=65536');
   const h = await openAsync(qcow2, ['-f', f]);
   t.match(h.spec, {
-    sizeBytes: 32 * M, logicalBlockSize: 4096, volatileCache: true, fua: true, readOnly: false,
+    sizeBytes: 32 * M, logicalBlockSize: 512, physicalBlockSize: 4096, volatileCache: true, fua: true, readOnly: false,
     discard: { granularity: 65536 },
   });
   t.match(h.spec.describe, { file: f, version: 3, cluster_size: 65536, virtual_size: 32 * M, refcount_bits: 16 });
@@ -105,7 +105,7 @@ t.test('options, and the device shape', async (t) => {
   t.equal(check(f).code, 0, 'clean after close');
   const odd = create('odd.qcow2', 32 * M + 512);
   const o = await openAsync(qcow2, ['-f', odd]);
-  t.equal(o.spec.logicalBlockSize, 512, 'a size that is not a multiple of 4096 gets 512-byte blocks');
+  t.equal(o.spec.logicalBlockSize, 512, 'a size that is not a multiple of 4096 is served too (512-byte blocks, as QEMU)');
   await o.close();
   // Read-only: O_RDONLY, no cache, writes are EROFS.
   const ro = await openAsync(qcow2, ['-f', f, '--read-only']);

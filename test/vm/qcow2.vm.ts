@@ -36,7 +36,7 @@ function check(file: string): { code: number; out: string } {
   return { code: r.code, out: `${r.out}${r.err}`.trim().replace(/\n+/g, ' / ') };
 }
 
-/** dd of whole 4 KiB blocks (the device's logical block size) from `src` to `dev`, direct, then fsync (a FLUSH). */
+/** dd of whole 4 KiB blocks (the device's physical block size) from `src` to `dev`, direct, then fsync (a FLUSH). */
 const ddWrite = (src: string, dev: string, seekBytes: number, bytes: number) =>
   sh('dd', [`if=${src}`, `of=${dev}`, 'bs=4096', `seek=${seekBytes / 4096}`, `count=${bytes / 4096}`, 'oflag=direct', 'conv=notrunc,fsync', 'status=none']);
 
