@@ -29,12 +29,13 @@ const dir = new URL('.', import.meta.url);
 const matching = readdirSync(dir).filter((f) => f.endsWith(`.vm${EXT}`) && (filters.length === 0 || filters.some((x) => f.includes(x)))).sort();
 if (matching.length === 0) throw new Error(`no VM test matches ${filters.join(' or ')}`);
 /**
- * Files that test our own code above the queue engine (example modules, layers, module loading),
- * whose kernel-facing part other files cover on every kernel. `npm test` runs them on the newest
+ * Files that test our own code above the queue engine (example modules, layers, module loading,
+ * the nbd and qcow2 targets), whose kernel-facing part other files cover on every kernel (the
+ * nbd target's socket SQEs: nbd-recover). `npm test` runs them on the newest
  * kernel only (UBLK_VM_SUITE=short on the others, see scripts/test.mjs) to keep each kernel's
  * run inside its budget; naming a file on the command line runs it on any kernel.
  */
-const NEWEST_ONLY = ['examples', 'layers', 'targets-api'];
+const NEWEST_ONLY = ['examples', 'layers', 'targets-api', 'nbd', 'qcow2'];
 const short = process.env.UBLK_VM_SUITE === 'short' && filters.length === 0;
 const files = short ? matching.filter((f) => !NEWEST_ONLY.some((n) => f.startsWith(`${n}.vm`))) : matching;
 if (short) console.log(`# UBLK_VM_SUITE=short: not run on this kernel (they run on the newest): ${matching.filter((f) => !files.includes(f)).join(', ')}`);
