@@ -232,7 +232,7 @@ export default defineAsyncTarget<FaultOptions>({
     return {
       sizeBytes: f.size,
       ...LAYER_SHAPE,
-      queueLimit: { max: 1, reason: 'fault: its write cache and power cut live in one queue\'s thread' },
+      queueLimit: { max: 1, reason: 'its write cache and power cut live in one queue\'s thread' },
       describe: {
         file: o.file, seed: o.seed,
         ...(o.latencyMs || o.latencyJitterMs ? { latency_ms: o.latencyMs, latency_jitter_ms: o.latencyJitterMs } : {}),

@@ -209,7 +209,7 @@ export default defineTarget<NbdOptions, Promise<DeviceSpec>>({
       ...(f & nbd.NBD_FLAG_CAN_MULTI_CONN ? {} : {
         queueLimit: {
           max: 1,
-          reason: `nbd: the server does not allow several connections to export '${o.exportName}' (no NBD_FLAG_CAN_MULTI_CONN, multi-conn), and each queue needs its own`,
+          reason: `the server does not allow several connections to export '${o.exportName}' (no NBD_FLAG_CAN_MULTI_CONN, multi-conn), and each queue needs its own`,
         },
       }),
       describe: {

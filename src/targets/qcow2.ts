@@ -95,7 +95,7 @@ export default defineAsyncTarget<Qcow2Options>({
         queueData: device,
         // -q 2 is refused by `add` before the device exists; open() refuses it too, for servers
         // started some other way.
-        queueLimit: { max: 1, reason: 'qcow2: the image\'s caches and cluster allocator live in one queue\'s thread' },
+        queueLimit: { max: 1, reason: 'the image\'s caches and cluster allocator live in one queue\'s thread' },
       };
     } finally {
       img.abandon(); // nothing was written
