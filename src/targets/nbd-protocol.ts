@@ -234,7 +234,7 @@ export async function probeExport(address: NbdAddress, exportName: string, timeo
     for (;;) {
       const s = steps.next(input);
       if (s.done) {
-        const disc = encodeRequest(Buffer.alloc(nbd.NBD_REQUEST_BYTES), 0, nbd.NBD_CMD_DISC, 0, 0n, 0, 0);
+        const disc = encodeRequest(Buffer.alloc(nbd.NBD_REQUEST_BYTES), 0, nbd.NBD_CMD_DISC, 0, 0, 0, 0);
         socket.end(disc);
         return s.value;
       }
@@ -249,13 +249,18 @@ export async function probeExport(address: NbdAddress, exportName: string, timeo
   }
 }
 
-/** Writes a request header into `into` at `at`: returns `into`. The cookie is ours to choose (we use the tag). */
-export function encodeRequest(into: Buffer, at: number, type: number, flags: number, cookie: bigint, offset: number, length: number): Buffer {
+/**
+ * Writes a request header into `into` at `at`: returns `into`. The cookie is ours to choose (we
+ * use the tag, below 2^32). The 64-bit fields go as two 32-bit halves: no BigInt per request.
+ */
+export function encodeRequest(into: Buffer, at: number, type: number, flags: number, cookie: number, offset: number, length: number): Buffer {
   into.writeUInt32BE(nbd.NBD_REQUEST_MAGIC, at);
   into.writeUInt16BE(flags, at + 4);
   into.writeUInt16BE(type, at + 6);
-  into.writeBigUInt64BE(cookie, at + 8);
-  into.writeBigUInt64BE(BigInt(offset), at + 16);
+  into.writeUInt32BE(0, at + 8);
+  into.writeUInt32BE(cookie, at + 12);
+  into.writeUInt32BE(Math.floor(offset / 0x100000000), at + 16);
+  into.writeUInt32BE(offset >>> 0, at + 20);
   into.writeUInt32BE(length, at + 24);
   return into;
 }
@@ -265,7 +270,8 @@ export interface ReplySink {
   /**
    * The request this cookie names, if it is one we sent and is still waiting: its offset and
    * the bytes its data takes in a reply (a READ's length, 0 for the rest). Undefined for a
-   * cookie we never sent: the reader throws an NbdProtocolError.
+   * cookie we never sent: the reader throws an NbdProtocolError. The reader copies both fields
+   * out at once, so the object may be reused.
    */
   lookup(cookie: number): { offset: number; readLength: number } | undefined;
   /** READ data for `cookie` at byte `at` of the request; `bytes` is valid only during the call. */

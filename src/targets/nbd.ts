@@ -47,7 +47,7 @@ import {
 } from '../ublk/abi.js';
 import * as nbd from './nbd-abi.js';
 import {
-  describeAddress, handshake, NbdProtocolError, NbdRefusal, probeExport, ReplyReader, type ExportInfo, type HandshakeStep, type NbdAddress,
+  describeAddress, encodeRequest, handshake, NbdProtocolError, NbdRefusal, probeExport, ReplyReader, type ExportInfo, type HandshakeStep, type NbdAddress,
   type ReplySink,
 } from './nbd-protocol.js';
 import { parseOptions, UsageError } from './options.js';
@@ -402,7 +402,7 @@ class NbdQueue implements QueueHandler {
       // A polite goodbye when the stream is at a message boundary (past the handshake, no send cut short).
       if (wasReady && !this.sending) {
         try {
-          this.writeHeader(this.hsAt, nbd.NBD_CMD_DISC, 0, 0, 0, 0);
+          encodeRequest(this.bytes, this.hsAt, nbd.NBD_CMD_DISC, 0, 0, 0, 0);
           sys.write(this.fd, this.mem.address + this.hsAt, nbd.NBD_REQUEST_BYTES);
         } catch { /* the connection is gone anyway */ }
       }
@@ -426,18 +426,6 @@ class NbdQueue implements QueueHandler {
     this.tagCovered[tag] = 0;
     this.queue[(this.qHead + this.qLen) % this.depth] = tag;
     this.qLen++;
-  }
-
-  private writeHeader(at: number, type: number, flags: number, cookie: number, offset: number, length: number): void {
-    const v = this.view;
-    v.setUint32(at, nbd.NBD_REQUEST_MAGIC);
-    v.setUint16(at + 4, flags);
-    v.setUint16(at + 6, type);
-    v.setUint32(at + 8, 0); // the cookie is the tag: its high half is 0
-    v.setUint32(at + 12, cookie);
-    v.setUint32(at + 16, Math.floor(offset / 0x100000000));
-    v.setUint32(at + 20, offset >>> 0);
-    v.setUint32(at + 24, length);
   }
 
   /**
@@ -469,7 +457,7 @@ class NbdQueue implements QueueHandler {
         }
       }
       const hdr = this.hdrAt + tag * 32;
-      this.writeHeader(hdr, type, this.tagFlags[tag]!, tag, this.tagOffset[tag]!, length);
+      encodeRequest(this.bytes, hdr, type, this.tagFlags[tag]!, tag, this.tagOffset[tag]!, length);
       const i = this.iovAt + iov * libc.iovec.SIZE;
       setIov(v, i, this.mem.address + hdr, nbd.NBD_REQUEST_BYTES);
       iov++;
@@ -523,11 +511,17 @@ class NbdQueue implements QueueHandler {
     });
   }
 
+  private readonly looked = { offset: 0, readLength: 0 };
+
   /** The reply parser's view of our requests. */
   private readonly sink: ReplySink = {
     lookup: (cookie) => {
       if (cookie >= this.depth || this.tagState[cookie] !== TagState.OnWire) return undefined;
-      return { offset: this.tagOffset[cookie]!, readLength: this.tagType[cookie] === nbd.NBD_CMD_READ ? this.tagLength[cookie]! : 0 };
+      // One object for every reply (the reader copies both fields out at once): none per request.
+      const l = this.looked;
+      l.offset = this.tagOffset[cookie]!;
+      l.readLength = this.tagType[cookie] === nbd.NBD_CMD_READ ? this.tagLength[cookie]! : 0;
+      return l;
     },
     data: (tag, at, bytes) => {
       this.tagCovered[tag]! += bytes.length;

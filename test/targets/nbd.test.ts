@@ -138,7 +138,7 @@ t.test('handshake: refusals name the problem', async (t) => {
 });
 
 t.test('request header: the 28 bytes of proto.md', async (t) => {
-  const b = encodeRequest(Buffer.alloc(28), 0, nbd.NBD_CMD_WRITE, nbd.NBD_CMD_FLAG_FUA, 7n, 2 ** 40 + 512, 4096);
+  const b = encodeRequest(Buffer.alloc(28), 0, nbd.NBD_CMD_WRITE, nbd.NBD_CMD_FLAG_FUA, 7, 2 ** 40 + 512, 4096);
   t.equal(b.toString('hex'), '25609513' + '0001' + '0001' + '0000000000000007' + '0000010000000200' + '00001000');
 });
 
