@@ -15,24 +15,14 @@
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { existsSync, rmSync } from 'node:fs';
 
-/** What bench/ublk.ts hands its suites. */
-export interface Qcow2BenchContext {
-  KROOT: string;
-  opt(name: string, dflt: string): string;
-  runFio(dev: string, rw: string, qd: number, jobs: number): number;
-  setNone(dev: string): void;
-  ublkAdd(args: string[]): number;
-  ublkDel(id: number): unknown;
-  sampleSet(): { put(key: string, v: number): void; median(key: string): number };
-  k(n: number): string;
-  header(): string;
-}
+/** What bench/ublk.ts hands its suites: the same for every suite, declared once in ublk-nbd.ts. */
+import type { BenchContext } from './ublk-nbd.js';
 
 const SOCK = '/tmp/ublk-bench-qsd.sock';
 const sh = (cmd: string, a: string[]) => execFileSync(cmd, a, { encoding: 'utf8' });
 const sleepSync = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 
-export async function qcow2Suite(c: Qcow2BenchContext): Promise<Record<string, number>> {
+export async function qcow2Suite(c: BenchContext): Promise<Record<string, number>> {
   const mib = Number(c.opt('--mib', '256'));
   const qds = c.opt('--qds', '1,32').split(',').map(Number);
   const rounds = Number(c.opt('--rounds', '3'));

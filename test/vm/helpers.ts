@@ -2,6 +2,7 @@
  * Helpers for the tests that run inside the VM: the CLI, fio, and waiting for the kernel.
  */
 import { spawn, spawnSync } from 'node:child_process';
+import { createServer } from 'node:net';
 import { existsSync, mkdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import type { Test } from 'tap';
@@ -247,4 +248,16 @@ export async function deleteDevice(t: Test, id: number): Promise<void> {
   t.equal(ublk('del', '-n', String(id)).code, 0, `del ${id}`);
   t.ok(await waitFor(() => !alive(pid), 20_000), 'its server exited');
   t.notOk(exists(`/dev/ublkc${id}`), 'no device left');
+}
+
+/** A TCP port on 127.0.0.1 nobody listens on now (for a server a test starts). */
+export function freePort(): Promise<number> {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.once('error', rej);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address() as { port: number };
+      s.close(() => res(port));
+    });
+  });
 }

@@ -6,20 +6,11 @@
  */
 import t from 'tap';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { createServer, type AddressInfo } from 'node:net';
-import { addDevice, fioJob, killServer, noDeviceLeftBehind, serverPid, sleep, ublk, waitFor } from './helpers.js';
+import { addDevice, freePort, fioJob, killServer, noDeviceLeftBehind, serverPid, sleep, ublk, waitFor } from './helpers.js';
 
 const CYCLES = Number(process.env.UBLK_RECOVER_CYCLES ?? 2);
 
 t.afterEach(noDeviceLeftBehind);
-
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
-}
 
 t.test(`nbd with -r 1 -i 1 -q 2: fio verify across ${CYCLES} kill -9 + recover cycles of the ublk server`, async (t) => {
   const port = await freePort();

@@ -26,11 +26,11 @@ import t from 'tap';
 import type { Test } from 'tap';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
-import { connect, createServer } from 'node:net';
+import { connect } from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import {
-  ROOT, addDevice, alive, deleteDevice, deviceLog, fioVerify, noDeviceLeftBehind, sh, sleep, sparseFile, ublk, ublkIds, waitFor,
+  ROOT, addDevice, freePort, alive, deleteDevice, deviceLog, fioVerify, noDeviceLeftBehind, sh, sleep, sparseFile, ublk, ublkIds, waitFor,
 } from './helpers.js';
 
 const MiB = 2 ** 20;
@@ -155,18 +155,6 @@ function nbdkit(name: string, addr: Addr, plugin: string[]): Server {
   const listen = 'socket' in addr ? ['-U', addr.socket] : ['-i', addr.host, '-p', String(addr.port)];
   if ('socket' in addr) rmSync(addr.socket, { force: true }); // a socket file left by a killed nbdkit
   return start(name, 'nbdkit', ['-f', '--exit-with-parent', ...listen, ...plugin]);
-}
-
-/** A TCP port nobody listens on now. */
-function freePort(): Promise<number> {
-  return new Promise((res, rej) => {
-    const s = createServer();
-    s.once('error', rej);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => res(port));
-    });
-  });
 }
 
 /** Established TCP connections from this machine to 127.0.0.1:`port` (the client ends, /proc/net/tcp). */
