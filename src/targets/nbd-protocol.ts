@@ -295,6 +295,11 @@ const enum ReadState {
   Skip,
 }
 
+/** A big-endian 64-bit field as a number: exact below 2^53, beyond any device offset. */
+function readU64(b: Buffer, at: number): number {
+  return b.readUInt32BE(at) * 0x100000000 + b.readUInt32BE(at + 4);
+}
+
 /**
  * Parses the server's replies (proto.md "Simple reply message", "Structured reply chunk
  * message") from a byte stream fed in arbitrary pieces: the recv buffer of a socket that
@@ -303,10 +308,14 @@ const enum ReadState {
  */
 export class ReplyReader {
   private state = ReadState.Header;
-  /** Header and chunk-field bytes gathered so far (the longest: a structured header + an error chunk's fields). */
-  private readonly head = Buffer.alloc(nbd.NBD_STRUCTURED_REPLY_BYTES + 4096 + 16);
+  /**
+   * A header or a chunk's fields that arrived split across pieces, gathered here (the longest:
+   * an error chunk's fields). One that arrived whole is parsed where it lies in the piece.
+   */
+  private readonly head = Buffer.alloc(4096 + 16);
   private have = 0;
   private need = 4;
+  private simple = false;
   private cookie = 0;
   private reqOffset = 0;
   private readLength = 0;
@@ -321,9 +330,7 @@ export class ReplyReader {
 
   /** Forgets a partial reply (the connection it came from is gone). */
   reset(): void {
-    this.state = ReadState.Header;
-    this.have = 0;
-    this.need = 4;
+    this.nextHeader();
   }
 
   /** Consumes `bytes` (valid only during the call). Throws NbdProtocolError on a broken stream. */
@@ -331,37 +338,55 @@ export class ReplyReader {
     let p = 0;
     const n = bytes.length;
     while (p < n) {
-      if (this.state === ReadState.Payload || this.state === ReadState.Skip) {
+      const state = this.state;
+      if (state === ReadState.Payload || state === ReadState.Skip) {
         const take = Math.min(this.left, n - p);
-        if (this.state === ReadState.Payload) this.sink.data(this.cookie, this.at, bytes.subarray(p, p + take));
+        if (state === ReadState.Payload) this.sink.data(this.cookie, this.at, bytes.subarray(p, p + take));
         this.at += take;
         this.left -= take;
         p += take;
         if (this.left === 0) this.chunkDone();
         continue;
       }
+      if (this.have === 0) {
+        // The usual case, replies arriving by the dozen: the whole header (or the chunk's
+        // fields) is in this piece, so it is parsed where it lies, with no copy.
+        const whole = state === ReadState.Header && n - p >= 4 ? this.headerBytes(bytes.readUInt32BE(p)) : this.need;
+        if (n - p >= whole) {
+          const at = p;
+          p += whole;
+          this.parse(bytes, at);
+          continue;
+        }
+      }
       const take = Math.min(this.need - this.have, n - p);
       bytes.copy(this.head, this.have, p, p + take);
       this.have += take;
       p += take;
-      if (this.have === this.need) this.gathered();
+      if (this.have < this.need) continue;
+      if (state === ReadState.Header && this.need === 4) {
+        this.need = this.headerBytes(this.head.readUInt32BE(0)); // the magic says how long the header is
+        continue;
+      }
+      this.have = 0;
+      this.parse(this.head, 0);
     }
   }
 
-  /** The bytes asked for (`need`) are in `head`: move on. */
-  private gathered(): void {
-    const h = this.head;
+  /** The length of the header that starts with `magic` (proto.md: simple 16, structured 20 bytes). */
+  private headerBytes(magic: number): number {
+    if (magic === nbd.NBD_SIMPLE_REPLY_MAGIC) return nbd.NBD_SIMPLE_REPLY_BYTES;
+    if (magic === nbd.NBD_STRUCTURED_REPLY_MAGIC && this.structured) return nbd.NBD_STRUCTURED_REPLY_BYTES;
+    throw new NbdProtocolError(`a reply with magic 0x${magic.toString(16)}`);
+  }
+
+  /** A whole header or chunk-fields block is at `h[at...]`: act on it. */
+  private parse(h: Buffer, at: number): void {
     if (this.state === ReadState.Header) {
-      const magic = h.readUInt32BE(0);
-      if (this.need === 4) {
-        if (magic === nbd.NBD_SIMPLE_REPLY_MAGIC) this.need = nbd.NBD_SIMPLE_REPLY_BYTES;
-        else if (magic === nbd.NBD_STRUCTURED_REPLY_MAGIC && this.structured) this.need = nbd.NBD_STRUCTURED_REPLY_BYTES;
-        else throw new NbdProtocolError(`a reply with magic 0x${magic.toString(16)}`);
-        return;
-      }
-      this.cookie = this.checkCookie(h.readBigUInt64BE(8));
-      if (magic === nbd.NBD_SIMPLE_REPLY_MAGIC) {
-        const errno = h.readUInt32BE(4);
+      this.simple = h.readUInt32BE(at) === nbd.NBD_SIMPLE_REPLY_MAGIC;
+      this.cookie = this.checkCookie(h.readUInt32BE(at + 8), h.readUInt32BE(at + 12));
+      if (this.simple) {
+        const errno = h.readUInt32BE(at + 4);
         if (errno !== 0) {
           // proto.md: an error reply to a READ carries no data (with structured replies off).
           this.sink.error(this.cookie, errno, '');
@@ -371,9 +396,9 @@ export class ReplyReader {
         } else this.replyDone();
         return;
       }
-      this.chunkFlags = h.readUInt16BE(4);
-      this.chunkType = h.readUInt16BE(6);
-      this.chunkLength = h.readUInt32BE(16);
+      this.chunkFlags = h.readUInt16BE(at + 4);
+      this.chunkType = h.readUInt16BE(at + 6);
+      this.chunkLength = h.readUInt32BE(at + 16);
       const t = this.chunkType;
       if (t === nbd.NBD_REPLY_TYPE_NONE) {
         if (this.chunkLength !== 0) throw new NbdProtocolError('an NBD_REPLY_TYPE_NONE chunk with a payload');
@@ -381,39 +406,39 @@ export class ReplyReader {
       } else if (t === nbd.NBD_REPLY_TYPE_OFFSET_DATA) this.fields(8);
       else if (t === nbd.NBD_REPLY_TYPE_OFFSET_HOLE) this.fields(12);
       else if (t & nbd.NBD_REPLY_TYPE_ERROR_BIT) {
-        if (this.chunkLength < 6 || this.chunkLength > this.head.length - nbd.NBD_STRUCTURED_REPLY_BYTES) {
+        if (this.chunkLength < 6 || this.chunkLength > this.head.length) {
           throw new NbdProtocolError(`an error chunk of ${this.chunkLength} bytes`);
         }
         this.fields(this.chunkLength);
       } else this.startPayload(ReadState.Skip, 0, this.chunkLength); // BLOCK_STATUS or unknown: not asked for, skipped
       return;
     }
-    // ChunkFields: the chunk's own fields follow the structured header in `head`.
-    const f = nbd.NBD_STRUCTURED_REPLY_BYTES;
+    // ChunkFields: the chunk's own fields, which follow its structured header.
     const t = this.chunkType;
     if (t === nbd.NBD_REPLY_TYPE_OFFSET_DATA) {
-      const at = this.within(Number(h.readBigUInt64BE(f)), this.chunkLength - 8);
-      this.startPayload(ReadState.Payload, at, this.chunkLength - 8);
+      const offset = this.within(readU64(h, at), this.chunkLength - 8);
+      this.startPayload(ReadState.Payload, offset, this.chunkLength - 8);
     } else if (t === nbd.NBD_REPLY_TYPE_OFFSET_HOLE) {
-      const size = h.readUInt32BE(f + 8);
-      const at = this.within(Number(h.readBigUInt64BE(f)), size);
-      this.sink.hole(this.cookie, at, size);
+      const size = h.readUInt32BE(at + 8);
+      const offset = this.within(readU64(h, at), size);
+      this.sink.hole(this.cookie, offset, size);
       this.chunkDone();
     } else {
-      const errno = h.readUInt32BE(f);
-      const msgLen = h.readUInt16BE(f + 4);
-      const message = h.toString('utf8', f + 6, f + 6 + Math.min(msgLen, this.chunkLength - 6));
+      const errno = h.readUInt32BE(at);
+      const msgLen = h.readUInt16BE(at + 4);
+      const message = h.toString('utf8', at + 6, at + 6 + Math.min(msgLen, this.chunkLength - 6));
       this.sink.error(this.cookie, errno === 0 ? nbd.NBD_EIO : errno, message);
       this.chunkDone();
     }
   }
 
-  private checkCookie(raw: bigint): number {
-    const req = raw <= 0xffffffffn ? this.sink.lookup(Number(raw)) : undefined;
-    if (req === undefined) throw new NbdProtocolError(`a reply for cookie ${raw}, which names no request in flight`);
+  /** The cookie (a 64-bit handle, read as two 32-bit halves: no BigInt per reply) of a request in flight. */
+  private checkCookie(high: number, low: number): number {
+    const req = high === 0 ? this.sink.lookup(low) : undefined;
+    if (req === undefined) throw new NbdProtocolError(`a reply for cookie ${high * 0x100000000 + low}, which names no request in flight`);
     this.reqOffset = req.offset;
     this.readLength = req.readLength;
-    return Number(raw);
+    return low;
   }
 
   /** A chunk's byte range [offset, offset+length) as a position in the request, or a protocol error. */
@@ -427,7 +452,7 @@ export class ReplyReader {
 
   private fields(length: number): void {
     this.state = ReadState.ChunkFields;
-    this.need = nbd.NBD_STRUCTURED_REPLY_BYTES + length;
+    this.need = length;
   }
 
   private startPayload(state: ReadState, at: number, length: number): void {
@@ -439,7 +464,7 @@ export class ReplyReader {
 
   private chunkDone(): void {
     // A simple reply is one "chunk" that is always the last.
-    if (this.head.readUInt32BE(0) === nbd.NBD_SIMPLE_REPLY_MAGIC || this.chunkFlags & nbd.NBD_REPLY_FLAG_DONE) this.replyDone();
+    if (this.simple || this.chunkFlags & nbd.NBD_REPLY_FLAG_DONE) this.replyDone();
     else this.nextHeader();
   }
 

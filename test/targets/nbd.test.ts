@@ -197,6 +197,18 @@ t.test('reply reader: simple and structured replies, in one piece and a byte at 
   t.same(merged, expected.filter((e) => !e.startsWith('data')));
   t.same(bytewise.data.get(1), whole.data.get(1), 'the same bytes a byte at a time');
   t.same(bytewise.data.get(4), readData.subarray(0, 512));
+  // Pieces of every size from 2 to 41 bytes: headers and chunk fields now whole in a piece
+  // (parsed where they lie), now split across two (gathered first).
+  const bad: number[] = [];
+  for (let size = 2; size <= 41; size++) {
+    const pieces = recorder(reqs);
+    const r = new ReplyReader(pieces.sink, true);
+    for (let i = 0; i < stream.length; i += size) r.feed(stream.subarray(i, i + size));
+    const same = JSON.stringify(pieces.events.filter((e) => !e.startsWith('data'))) === JSON.stringify(merged)
+      && pieces.data.get(1)!.equals(whole.data.get(1)!) && pieces.data.get(4)!.equals(readData.subarray(0, 512));
+    if (!same) bad.push(size);
+  }
+  t.same(bad, [], 'the same replies and bytes in pieces of 2 to 41 bytes');
   // A simple READ reply with data, and a simple error.
   const s = recorder({ 9: { offset: 0, readLength: 16 } });
   new ReplyReader(s.sink, false).feed(Buffer.concat([simple(9, 0, Buffer.alloc(16, 7)), simple(9, nbd.NBD_EIO)]));
