@@ -2,20 +2,22 @@
  * `npm run bench:profile`: a CPU profile of our server under load, in the test VM, as a table of
  * the functions where each thread spends its time (self time, V8's sampling profiler).
  *
- *   npm run bench:profile -- [-t null|loop|mem] [--rw randread] [--qd 32] [--rate IOPS]
+ *   npm run bench:profile -- [-t null|loop|mem|nbd] [--nbd tcp|unix] [--rw randread] [--qd 32] [--rate IOPS]
  *                            [--seconds S] [--kernel lts|newest] [--top N] [--keep DIR] [-- ADD ARGS...]
  *
  * Inside the VM it starts `node --cpu-prof bin/ublk.js add -t TARGET --foreground ...` (V8
  * profiles the main thread and every queue thread, and writes one .cpuprofile per thread when
  * it exits), drives the device with fio (4 KiB, io_uring, O_DIRECT; at a fixed rate with
  * --rate), deletes the device and prints each thread's top functions. loop serves a 512 MiB
- * file on ext4 on brd. The guest cannot write to the project, so `--keep DIR` copies the raw
- * profiles to a guest directory only; the table is the output. Off the VM (a kernel with
- * ublk_drv, as root) it runs directly: `UBLK_VM=1 node --import tsx bench/profile.ts`.
+ * file on ext4 on brd; nbd reaches a 512 MiB nbdkit memory server on loopback TCP or a Unix
+ * socket (`--nbd`, default tcp). The guest cannot write to the project, so `--keep DIR` copies
+ * the raw profiles to a guest directory only; the table is the output. Off the VM (a kernel
+ * with ublk_drv, as root) it runs directly: `UBLK_VM=1 node --import tsx bench/profile.ts`.
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, writeFileSync, cpSync, existsSync } from 'node:fs';
 import { createInterface } from 'node:readline';
+import { PORT, SOCK, startNbdkit } from './ublk-nbd.js';
 import { fileURLToPath } from 'node:url';
 import { dirname, join } from 'node:path';
 
@@ -58,6 +60,12 @@ if (target === 'loop') {
 } else if (target === 'mem') {
   targetArgs = ['-s', '512M'];
 }
+let nbdkit: ReturnType<typeof spawn> | undefined;
+if (target === 'nbd') {
+  const unix = opt('--nbd', 'tcp') === 'unix';
+  nbdkit = startNbdkit(unix ? 'unix' : 'tcp', 512);
+  targetArgs = unix ? ['--socket', SOCK] : ['--host', '127.0.0.1', '--port', String(PORT)];
+}
 
 const profDir = mkdtempSync('/tmp/ublk-cpuprof-');
 const server = spawn(process.execPath, ['--cpu-prof', `--cpu-prof-dir=${profDir}`, join(root, 'bin', 'ublk.js'), 'add', '-t', target,
@@ -77,6 +85,7 @@ process.stderr.write(`profile: fio: ${Number(f[7]) + Number(f[48])} IOPS\n`);
 const exited = new Promise<void>((res) => server.once('exit', () => res()));
 sh(process.execPath, [join(root, 'bin', 'ublk.js'), 'del', '-n', String(id)]);
 await exited;
+nbdkit?.kill();
 if (target === 'loop') {
   sh('umount', [mnt]);
   spawnSync('rmmod', ['brd']);

@@ -25,8 +25,8 @@ export interface BenchContext {
   header(): string;
 }
 
-const PORT = 10809;
-const SOCK = '/tmp/ublk-bench-nbd.sock';
+export const PORT = 10809;
+export const SOCK = '/tmp/ublk-bench-nbd.sock';
 const sh = (cmd: string, a: string[]) => execFileSync(cmd, a, { encoding: 'utf8' });
 const sleepSync = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 
@@ -34,7 +34,7 @@ const sleepSync = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuf
 const listening = () => readFileSync('/proc/net/tcp', 'utf8').includes(`0100007F:${PORT.toString(16).toUpperCase().padStart(4, '0')} 00000000:0000 0A`);
 
 /** nbdkit's memory plugin (`mib` MiB) on the transport, in the foreground; returns once it listens. */
-function startNbdkit(transport: string, mib: number): ChildProcess {
+export function startNbdkit(transport: string, mib: number): ChildProcess {
   if (transport === 'unix') rmSync(SOCK, { force: true });
   const where = transport === 'unix' ? ['-U', SOCK] : ['-i', '127.0.0.1', '-p', String(PORT)];
   const child = spawn('nbdkit', ['-f', '--exit-with-parent', ...where, 'memory', `size=${mib}M`], { stdio: ['ignore', 'inherit', 'inherit'] });
