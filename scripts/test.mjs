@@ -6,9 +6,9 @@
 // 1. Host tests (tap, test/**/*.test.ts) on the running kernel: the io_uring layer and the ABI
 //    conformance checks against real headers.
 // 2. VM tests: test/vm/*.vm.ts, compiled to build/vm, inside a VM (test/vm/runner.ts) on Linux 6.12 LTS and the newest
-//    Debian kernel (UBLK_VM_KERNELS overrides the list), where ublk_drv exists; the few files
-//    that test only our code above the queue engine run on one of the two (UBLK_VM_SUITE,
-//    test/vm/run-in-vm.ts). Without the VM
+//    Debian kernel (UBLK_VM_KERNELS overrides the list), where ublk_drv exists; tests that
+//    check only our code above the queue engine run on one of the two (UBLK_VM_SUITE, read by
+//    onKernel in test/vm/helpers.ts). Without the VM
 //    tooling they are reported as not run, with the reason, never as passed.
 //
 // The last line is `N passed, N failed, N skipped` (tap's assertion counts), which CI reads.
@@ -78,8 +78,8 @@ if (missing) {
   for (const kernel of tsc.status === 0 ? (process.env.UBLK_VM_KERNELS ?? 'lts newest').split(/\s+/).filter(Boolean) : []) {
     const started = Date.now();
     console.log(`# VM suite on kernel '${kernel}'`);
-    // Files that test only our code above the queue engine run on one of the two kernels
-    // (test/vm/run-in-vm.ts names them); any other kernel skips them.
+    // Tests that check only our code above the queue engine run on one of the two kernels
+    // (onKernel in test/vm/helpers.ts); any other kernel skips them.
     process.env.UBLK_VM_SUITE = kernel === 'newest' || kernel === 'lts' ? kernel : 'short';
     const r = await runTap(['--import', 'tsx', 'scripts/vm.ts', '--kernel', kernel, '--timeout', '3300',
       // ublk grants a device at most one queue per CPU: 4 vCPUs let the suite test 4-queue devices.

@@ -6,7 +6,7 @@
 import t from 'tap';
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
-import { alive, exists, fio, waitFor, EXT, nodeArgsFor } from './helpers.js';
+import { alive, exists, fio, waitFor, EXT, nodeArgsFor, onKernel } from './helpers.js';
 
 async function startAsyncMem(args: string[]): Promise<{ devId: number; pid: number }> {
   const child = spawn(process.execPath, [...nodeArgsFor(new URL(`./fixtures/async-mem-server${EXT}`, import.meta.url)), ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
@@ -18,7 +18,7 @@ async function startAsyncMem(args: string[]): Promise<{ devId: number; pid: numb
 }
 
 for (const queues of [1, 2]) {
-  t.test(`async RAM disk, ${queues} queue(s): fio write + crc32c verify`, async (t) => {
+  t.test(`async RAM disk, ${queues} queue(s): fio write + crc32c verify`, onKernel(queues === 1 ? 'lts' : 'newest'), async (t) => {
     const { devId, pid } = await startAsyncMem(['128', String(queues)]);
     const dev = `/dev/ublkb${devId}`;
     t.ok(exists(dev), `${dev} is live`);

@@ -10,7 +10,7 @@ import { createInterface } from 'node:readline';
 import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, readSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { ROOT, addDevice, deviceLog, fioVerify, noDeviceLeftBehind, ublk, sh, deleteDevice } from './helpers.js';
+import { ROOT, addDevice, deviceLog, fioVerify, noDeviceLeftBehind, ublk, sh, deleteDevice, onKernel } from './helpers.js';
 
 const MiB = 2 ** 20;
 const work = mkdtempSync('/tmp/ublk-examples-');
@@ -20,7 +20,7 @@ t.afterEach(noDeviceLeftBehind);
 
 const del = deleteDevice; // (t, id): del, the server exits, the char device goes
 
-t.test('examples/http-disk.mjs: an ext4 image over HTTP reads back byte for byte and mounts read-only', async (t) => {
+t.test('examples/http-disk.mjs: an ext4 image over HTTP reads back byte for byte and mounts read-only', onKernel('lts'), async (t) => {
   const img = join(work, 'served.img');
   writeFileSync(img, '');
   truncateSync(img, 64 * MiB);
@@ -50,7 +50,7 @@ t.test('examples/http-disk.mjs: an ext4 image over HTTP reads back byte for byte
   await del(t, id);
 });
 
-t.test('examples/sparse-store.mjs: fio verify, ext4 across a re-add, and a flipped byte caught as EIO', async (t) => {
+t.test('examples/sparse-store.mjs: fio verify, ext4 across a re-add, and a flipped byte caught as EIO', onKernel('lts'), async (t) => {
   const dir = join(work, 'store');
   mkdirSync(dir, { recursive: true });
   const mod = join(ROOT, 'examples', 'sparse-store.mjs');

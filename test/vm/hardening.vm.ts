@@ -16,7 +16,7 @@ import { Mapping, libc, sys } from '../../src/libc/index.js';
 import type { TargetDefinition } from '../../src/ublk/target.js';
 import type { AsyncTarget } from '../../src/ublk/async-main-thread.js';
 import misbehaving, { type MisbehavingOptions } from './fixtures/misbehaving-target.js';
-import { alive, exists, ublk, ublkIds, waitFor, EXT, ROOT, noDeviceLeftBehind } from './helpers.js';
+import { alive, exists, ublk, ublkIds, waitFor, EXT, ROOT, noDeviceLeftBehind, onKernel } from './helpers.js';
 
 const MiB = 2 ** 20;
 const TARGET = fileURLToPath(new URL(`./fixtures/misbehaving-target${EXT}`, import.meta.url));
@@ -86,7 +86,7 @@ print(json.dumps(out))`, dev);
   await server.stop();
 });
 
-t.test('answers that make no sense (0 bytes, too many, too few, no errno) are a clear EIO for READ and WRITE, logged, and the device lives on', (t) => {
+t.test('answers that make no sense (0 bytes, too many, too few, no errno) are a clear EIO for READ and WRITE, logged, and the device lives on', onKernel('newest'), (t) => {
   // On 6.12 a WRITE answered with 0 bytes is resent forever; on 7.3 it counts as written.
   const lies = { zero: MiB, over: 2 * MiB, short: 3 * MiB, errno: 4 * MiB };
   const add = ublk('add', '-t', TARGET, '-s', '16M', '--lies', Object.entries(lies).map(([k, at]) => `${k}@${at}`).join(','));
@@ -242,7 +242,7 @@ async function newDevice(before: number[], ms = 60_000): Promise<number | undefi
   return id;
 }
 
-t.test('`ublk add` killed before its server reports ready: the server carries on, and the device ends LIVE with it', async (t) => {
+t.test('`ublk add` killed before its server reports ready: the server carries on, and the device ends LIVE with it', onKernel('newest'), async (t) => {
   // Reads take 1.5 s, so START_DEV's partition scan keeps the server busy for seconds.
   const before = ublkIds();
   const add = addInBackground(['-t', TARGET, '-s', '16M', '--delay-ms', '1500']);
@@ -261,7 +261,7 @@ t.test('`ublk add` killed before its server reports ready: the server carries on
   t.ok(await waitFor(() => !alive(st.pid), 20_000), 'del ends the server');
 });
 
-t.test('SIGINT to `add --foreground` during START_DEV removes the device; when a target that never answers holds the kernel, a second SIGINT fails its I/O, and nothing hangs', async (t) => {
+t.test('SIGINT to `add --foreground` during START_DEV removes the device; when a target that never answers holds the kernel, a second SIGINT fails its I/O, and nothing hangs', onKernel('newest'), async (t) => {
   let before = ublkIds();
   let add = addInBackground(['-t', TARGET, '-s', '16M', '--delay-ms', '1500', '--foreground']);
   let id = await newDevice(before);
@@ -300,7 +300,7 @@ t.test('SIGINT to `add --foreground` during START_DEV removes the device; when a
   t.same(ublkIds(), before, 'no device left');
 });
 
-t.test('add gives up on a server that is not ready within --start-timeout, and nothing is left', async (t) => {
+t.test('add gives up on a server that is not ready within --start-timeout, and nothing is left', onKernel('lts'), async (t) => {
   const before = ublkIds();
   const started = Date.now();
   const r = ublk('add', '-t', TARGET, '-s', '16M', '--delay-ms', '4000', '--start-timeout', '2');
@@ -316,7 +316,7 @@ t.test('add gives up on a server that is not ready within --start-timeout, and n
   t.end();
 });
 
-t.test('a state file that cannot be written takes the device down again', (t) => {
+t.test('a state file that cannot be written takes the device down again', onKernel('newest'), (t) => {
   const run = join(work, 'full-run');
   mkdirSync(run, { recursive: true });
   t.equal(spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', run]).status, 0, 'a 64 KiB tmpfs');
@@ -332,7 +332,7 @@ t.test('a state file that cannot be written takes the device down again', (t) =>
   t.end();
 });
 
-t.test('del removes a state file before DEL_DEV frees the id: a new device with that id keeps its own', async (t) => {
+t.test('del removes a state file before DEL_DEV frees the id: a new device with that id keeps its own', onKernel('lts'), async (t) => {
   t.equal(ublk('add', '-t', 'null', '-n', '5').code, 0);
   const oldPid = (JSON.parse(readFileSync('/run/ublk/ublkb5.json', 'utf8')) as { pid: number }).pid;
   const del = spawn(process.execPath, [join(ROOT, 'bin', 'ublk.js'), 'del', '-n', '5'], { stdio: 'ignore' });
@@ -351,7 +351,7 @@ t.test('del removes a state file before DEL_DEV frees the id: a new device with 
   t.notOk(existsSync('/run/ublk/ublkb5.json'), 'its own del removed it');
 });
 
-t.test('errors before anything exists: not root, a run directory others can write; failing adds leave no empty log', (t) => {
+t.test('errors before anything exists: not root, a run directory others can write; failing adds leave no empty log', onKernel('lts'), (t) => {
   const logs = () => (existsSync('/run/ublk/log') ? readdirSync('/run/ublk/log') : []);
   const logsBefore = logs();
   const nobody = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, join(ROOT, 'bin', 'ublk.js'), 'add', '-t', 'null'], { encoding: 'utf8' });

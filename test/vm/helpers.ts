@@ -261,3 +261,19 @@ export function freePort(): Promise<number> {
     });
   });
 }
+
+/** The two kernels `npm test` runs the VM suite on (scripts/test.mjs sets UBLK_VM_SUITE to one). */
+export type SuiteKernel = 'lts' | 'newest';
+
+/**
+ * Test options that run a test on one of `npm test`'s two kernels only: for a test whose
+ * kernel-facing part other tests exercise on both (it checks our own code: option and error
+ * handling, a target's logic, a state file), so that each kernel's run stays inside its time
+ * budget. Elsewhere it is reported as skipped, naming the kernel that runs it. A file run by
+ * hand (UBLK_VM_SUITE unset) and `UBLK_VM_SUITE=all` run every test.
+ */
+export function onKernel(kernel: SuiteKernel): { skip: string | false } {
+  const suite = process.env.UBLK_VM_SUITE;
+  if (suite === undefined || suite === '' || suite === 'all' || suite === kernel) return { skip: false };
+  return { skip: `npm test runs this on the ${kernel === 'lts' ? '6.12 LTS' : 'newest'} kernel (UBLK_VM_SUITE=all runs every test)` };
+}

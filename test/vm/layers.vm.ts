@@ -10,7 +10,7 @@ import t from 'tap';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { addDevice, deviceLog, fioVerify, noDeviceLeftBehind, ublk, waitFor, sh, sparseFile, deleteDevice } from './helpers.js';
+import { addDevice, deviceLog, fioVerify, noDeviceLeftBehind, ublk, waitFor, sh, sparseFile, deleteDevice, onKernel } from './helpers.js';
 import { mappedBlocks, readMap } from '../../src/targets/overlay.js';
 
 const MiB = 2 ** 20;
@@ -28,7 +28,7 @@ const del = deleteDevice; // (t, id): del, the server exits, the char device goe
 const ddWrite = (src: string, dev: string, at: number, count: number) =>
   sh('dd', [`if=${src}`, `of=${dev}`, 'bs=4096', `seek=${at}`, `count=${count}`, 'oflag=direct', 'conv=notrunc', 'status=none']);
 
-t.test('overlay: reads fall through to the base, writes land in the overlay only, and the map names exactly the written blocks', async (t) => {
+t.test('overlay: reads fall through to the base, writes land in the overlay only, and the map names exactly the written blocks', onKernel('lts'), async (t) => {
   const base = join(work, 'base.img');
   writeFileSync(base, randomBytes(32 * MiB));
   const baseSum = sha(base);
@@ -69,7 +69,7 @@ t.test('overlay: reads fall through to the base, writes land in the overlay only
   t.equal(sha(base), baseSum, 'the base is still unchanged after fio');
 });
 
-t.test('fault: an injected error reaches fio as EIO at the right offset, and nowhere else', async (t) => {
+t.test('fault: an injected error reaches fio as EIO at the right offset, and nowhere else', onKernel('lts'), async (t) => {
   const file = sparse('fault-err.img', 16 * MiB);
   const id = addDevice('-t', 'fault', '-f', file, '--error-at', '5M:4K:read');
   const dev = `/dev/ublkb${id}`;
@@ -86,7 +86,7 @@ t.test('fault: an injected error reaches fio as EIO at the right offset, and now
 });
 
 for (const mode of ['drop', 'tear']) {
-  t.test(`fault: a power cut (${mode}) under ext4, then the journal: e2fsck clean, every synced file intact`, async (t) => {
+  t.test(`fault: a power cut (${mode}) under ext4, then the journal: e2fsck clean, every synced file intact`, onKernel(mode === 'drop' ? 'lts' : 'newest'), async (t) => {
     const file = sparse(`cut-${mode}.img`, 128 * MiB);
     const cut = join(work, `cut-${mode}`);
     rmSync(cut, { force: true });
@@ -130,7 +130,7 @@ for (const mode of ['drop', 'tear']) {
   });
 }
 
-t.test('fault --record: the trace of a fio run replays onto an empty file to identical contents', async (t) => {
+t.test('fault --record: the trace of a fio run replays onto an empty file to identical contents', onKernel('lts'), async (t) => {
   const file = sparse('rec.img', 32 * MiB);
   const trace = join(work, 'rec.trace');
   rmSync(trace, { force: true });

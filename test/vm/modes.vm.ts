@@ -73,7 +73,7 @@ interface ModeCase {
 const MODES: ModeCase[] = [
   { label: 'get_data', name: 'get_data', args: ['-g'], flag: UBLK_F_NEED_GET_DATA, since: '6.0', short: ['loop'] },
   { label: 'user_copy', name: 'user_copy', args: ['-u'], flag: UBLK_F_USER_COPY, since: '6.5', short: ['mem'] },
-  { label: 'zero_copy', name: 'zero_copy', args: ['-z'], flag: UBLK_F_SUPPORT_ZERO_COPY, since: '6.15', zc: true, short: ['loop', 'kill'] },
+  { label: 'zero_copy', name: 'zero_copy', args: ['-z'], flag: UBLK_F_SUPPORT_ZERO_COPY, since: '6.15', zc: true, short: ['loop'] },
   { label: 'auto_zc', name: 'auto_zc', args: ['--auto_zc'], flag: UBLK_F_AUTO_BUF_REG, since: '6.16', zc: true, short: ['loop', 'recover', 'ext4'] },
   {
     label: 'auto_zc_fallback', name: 'auto_zc', args: ['--auto_zc_fallback'], flag: UBLK_F_AUTO_BUF_REG, since: '6.16', zc: true,
@@ -83,7 +83,7 @@ const MODES: ModeCase[] = [
   // together with auto_zc, the mode the kernel that has one also has.
   {
     label: 'per_io_tasks + auto_zc', name: 'auto_zc', args: ['--auto_zc'], flag: UBLK_F_PER_IO_DAEMON, since: '6.16', threadsPerQueue: 2,
-    short: ['loop', 'kill'],
+    short: ['loop'],
   },
   // Batch I/O: how requests travel, with each data path (the kernel refuses only -g next to it).
   { label: 'batch', name: 'copy', args: ['-b'], flag: UBLK_F_BATCH_IO, since: '7.0', batch: true, short: ['loop', 'recover'] },

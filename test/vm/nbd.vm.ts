@@ -31,6 +31,7 @@ import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import {
   ROOT, addDevice, freePort, alive, deleteDevice, deviceLog, fioVerify, noDeviceLeftBehind, sh, sleep, sparseFile, ublk, ublkIds, waitFor,
+  onKernel,
 } from './helpers.js';
 
 const MiB = 2 ** 20;
@@ -185,7 +186,7 @@ function readBlock(dev: string, block: number, timeoutS = 60) {
 // ---------------------------------------------------------------------------------------------
 
 for (const queues of [1, 2]) {
-  t.test(`nbdkit memory over TCP, ${queues} queue(s): one connection per queue, fio randwrite + crc32c verify, then a verify-only pass`, async (t) => {
+  t.test(`nbdkit memory over TCP, ${queues} queue(s): one connection per queue, fio randwrite + crc32c verify, then a verify-only pass`, onKernel(queues === 1 ? 'lts' : 'newest'), async (t) => {
     const port = await freePort();
     const server = nbdkit(`memory-q${queues}`, tcp(port), ['memory', 'size=32M']);
     try {
@@ -210,7 +211,7 @@ for (const queues of [1, 2]) {
   });
 }
 
-t.test('nbdkit file over a Unix socket, 2 queues: ext4 through the device, e2fsck -fn of the exported file, same checksums after del and re-add', async (t) => {
+t.test('nbdkit file over a Unix socket, 2 queues: ext4 through the device, e2fsck -fn of the exported file, same checksums after del and re-add', onKernel('lts'), async (t) => {
   const sock = join(work, 'file.sock');
   const file = sparseFile(work, 'ext4.img', 32 * MiB);
   const mnt = join(work, 'mnt-ext4');
@@ -245,7 +246,7 @@ t.test('nbdkit file over a Unix socket, 2 queues: ext4 through the device, e2fsc
   }
 });
 
-t.test('FLUSH, FUA, TRIM and WRITE_ZEROES reach the server when it advertises them', async (t) => {
+t.test('FLUSH, FUA, TRIM and WRITE_ZEROES reach the server when it advertises them', onKernel('newest'), async (t) => {
   const sock = join(work, 'logged.sock');
   const logfile = join(work, 'requests.log');
   const server = nbdkit('logged', { socket: sock }, ['--filter=log', 'memory', 'size=32M', `logfile=${logfile}`]);
@@ -284,7 +285,7 @@ t.test('FLUSH, FUA, TRIM and WRITE_ZEROES reach the server when it advertises th
   }
 });
 
-t.test('Debian nbd-server (config file, named export) over TCP: fio verify; an unknown export name is refused by name', async (t) => {
+t.test('Debian nbd-server (config file, named export) over TCP: fio verify; an unknown export name is refused by name', onKernel('lts'), async (t) => {
   const port = await freePort();
   const file = sparseFile(work, 'nbd-server.img', 32 * MiB);
   const conf = join(work, 'nbd-server.conf');
@@ -341,7 +342,7 @@ function fioVerifyBackground(dev: string, args: string[]) {
   return { child, done };
 }
 
-t.test('nbdkit killed (-9) under fio and restarted 2 s later: fio finishes and verifies clean, the requests were held meanwhile', async (t) => {
+t.test('nbdkit killed (-9) under fio and restarted 2 s later: fio finishes and verifies clean, the requests were held meanwhile', onKernel('lts'), async (t) => {
   const sock = join(work, 'restart.sock');
   const file = sparseFile(work, 'restart.img', 16 * MiB);
   const plugin = ['file', `file=${file}`];
@@ -385,7 +386,7 @@ t.test('nbdkit killed (-9) under fio and restarted 2 s later: fio finishes and v
   }
 });
 
-t.test('a server that never returns: EIO within --reconnect-timeout, "unreachable" in the log, del at once; one that returns later is used again', async (t) => {
+t.test('a server that never returns: EIO within --reconnect-timeout, "unreachable" in the log, del at once; one that returns later is used again', onKernel('lts'), async (t) => {
   const sock = join(work, 'gone.sock');
   let server = nbdkit('gone-1', { socket: sock }, ['memory', 'size=16M']);
   try {
@@ -427,7 +428,7 @@ t.test('a server that never returns: EIO within --reconnect-timeout, "unreachabl
 // Past one machine: qemu-storage-daemon's qcow2 export
 // ---------------------------------------------------------------------------------------------
 
-t.test('qemu-storage-daemon exporting a qcow2 image: fio verify through the device, then qemu-img check clean and the image holds what the device read', async (t) => {
+t.test('qemu-storage-daemon exporting a qcow2 image: fio verify through the device, then qemu-img check clean and the image holds what the device read', onKernel('newest'), async (t) => {
   const img = join(work, 'qsd.qcow2');
   const sock = join(work, 'qsd.sock');
   t.equal(sh('qemu-img', ['create', '-q', '-f', 'qcow2', img, '32M']).code, 0, 'qemu-img create -f qcow2 (32 MiB)');
@@ -474,7 +475,7 @@ function refused(t: Test, what: string, args: string[], want: RegExp[]): void {
   t.same(readdirSync('/dev').filter((f) => /^ublkb\d+$/.test(f)), [], 'no /dev/ublkb* left');
 }
 
-t.test('add refuses, with a message naming the problem and no device left: nothing listening, an unknown export, -q 2 without multi-conn, not an NBD server', async (t) => {
+t.test('add refuses, with a message naming the problem and no device left: nothing listening, an unknown export, -q 2 without multi-conn, not an NBD server', onKernel('lts'), async (t) => {
   const port = await freePort();
   refused(t, 'nothing listens on the port', nbdArgs(tcp(port)), [/refused|ECONNREFUSED/i, new RegExp(String(port))]);
   refused(t, 'no such Unix socket', nbdArgs({ socket: join(work, 'nobody.sock') }), [/nobody\.sock/]);

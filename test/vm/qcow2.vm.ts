@@ -11,7 +11,7 @@ import t from 'tap';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { addDevice, alive, deleteDevice, fioJob, fioVerify, noDeviceLeftBehind, serverPid, sh, sleep, state, ublk, waitFor } from './helpers.js';
+import { addDevice, alive, deleteDevice, fioJob, fioVerify, noDeviceLeftBehind, serverPid, sh, sleep, state, ublk, waitFor, onKernel } from './helpers.js';
 
 const MiB = 2 ** 20;
 const CRASHES = Number(process.env.UBLK_QCOW2_CRASHES ?? 3);
@@ -43,7 +43,7 @@ const ddWrite = (src: string, dev: string, seekBytes: number, bytes: number) =>
 /** Sectors written to /dev/NAME so far (/sys/block/NAME/stat, field 7). */
 const sectorsWritten = (name: string) => Number(readFileSync(`/sys/block/${name}/stat`, 'utf8').trim().split(/\s+/)[6]);
 
-t.test('fio crc32c verify through the device; qemu-img check clean afterwards; the data verifies again after a re-add', async (t) => {
+t.test('fio crc32c verify through the device; qemu-img check clean afterwards; the data verifies again after a re-add', onKernel('newest'), async (t) => {
   const img = image('fio.qcow2', 32 * MiB, 'compat=1.1,cluster_size=65536');
   let id = addDevice('-t', 'qcow2', '-f', img);
   const r = fioVerify(`/dev/ublkb${id}`, { bs: '4k', engine: 'io_uring', jobs: 1, total: 8 * MiB, qd: 16 });
@@ -60,7 +60,7 @@ t.test('fio crc32c verify through the device; qemu-img check clean afterwards; t
   t.equal(check(img).code, 0, 'still clean');
 });
 
-t.test('ext4 through the device: mkfs, files, e2fsck -fn clean, the same files after a re-add, qemu-img check clean', async (t) => {
+t.test('ext4 through the device: mkfs, files, e2fsck -fn clean, the same files after a re-add, qemu-img check clean', onKernel('lts'), async (t) => {
   const img = image('ext4.qcow2', 32 * MiB, 'compat=1.1,cluster_size=4096');
   const mnt = join(work, 'mnt');
   mkdirSync(mnt, { recursive: true });
@@ -90,7 +90,7 @@ t.test('ext4 through the device: mkfs, files, e2fsck -fn clean, the same files a
   await del(t, id);
 });
 
-t.test('an image written through the device equals the same writes done by qemu-io (qemu-img compare), v2 and v3', async (t) => {
+t.test('an image written through the device equals the same writes done by qemu-io (qemu-img compare), v2 and v3', onKernel('lts'), async (t) => {
   for (const opts of ['compat=0.10,cluster_size=65536', 'compat=1.1,cluster_size=4096']) {
     const ours = image('ours.qcow2', 16 * MiB, opts);
     const theirs = image('theirs.qcow2', 16 * MiB, opts);
@@ -118,7 +118,7 @@ t.test('an image written through the device equals the same writes done by qemu-
   }
 });
 
-t.test('an image over a raw backing file: reads through it, copy-on-write, the base unchanged, qemu reads what we wrote', async (t) => {
+t.test('an image over a raw backing file: reads through it, copy-on-write, the base unchanged, qemu reads what we wrote', onKernel('newest'), async (t) => {
   const base = join(work, 'base.raw');
   const baseData = randomBytes(16 * MiB);
   writeFileSync(base, baseData);
@@ -142,7 +142,7 @@ t.test('an image over a raw backing file: reads through it, copy-on-write, the b
   t.ok(createHash('sha256').update(readFileSync(base)).digest().equals(createHash('sha256').update(baseData).digest()), 'the base is unchanged');
 });
 
-t.test(`crash loop: kill -9 of the server under fio load, ${CRASHES} times, qemu-img check finds no corruption`, async (t) => {
+t.test(`crash loop: kill -9 of the server under fio load, ${CRASHES} times, qemu-img check finds no corruption`, onKernel('lts'), async (t) => {
   const img = image('crash.qcow2', 32 * MiB, 'compat=1.1,cluster_size=65536');
   for (let cycle = 1; cycle <= CRASHES; cycle++) {
     const recovery = cycle % 2 === 0;

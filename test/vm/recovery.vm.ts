@@ -16,7 +16,7 @@ import {
   UBLK_F_NO_AUTO_PART_SCAN, UBLK_F_QUIESCE, UBLK_F_UPDATE_SIZE, UBLK_F_USER_RECOVERY, UBLK_F_USER_RECOVERY_FAIL_IO,
   UBLK_F_SAFE_STOP_DEV,
 } from '../../src/ublk/abi.js';
-import { addDevice, alive, deviceLog, fioJob, killServer, listed, serverPid, sleep, state, ublk, ublkIds, waitFor, EXT, ROOT, noDeviceLeftBehind } from './helpers.js';
+import { addDevice, alive, deviceLog, fioJob, killServer, listed, serverPid, sleep, state, ublk, ublkIds, waitFor, EXT, ROOT, noDeviceLeftBehind, onKernel } from './helpers.js';
 
 const MiB = 2 ** 20;
 const CYCLES = Number(process.env.UBLK_RECOVER_CYCLES ?? 2);
@@ -79,7 +79,7 @@ t.test('kill -9 of a null device\'s server: list says the server is gone and wha
   t.end();
 });
 
-t.test('a device without -r cannot be recovered, and says so', async (t) => {
+t.test('a device without -r cannot be recovered, and says so', onKernel('newest'), async (t) => {
   const id = addDevice('-t', 'null', '-s', '1G');
   const r = ublk('recover', '-n', String(id));
   t.equal(r.code, 1);
@@ -89,7 +89,7 @@ t.test('a device without -r cannot be recovered, and says so', async (t) => {
 });
 
 for (const target of ['loop', 'mem'] as const) {
-  t.test(`${target} with -r 1 -i 1: fio write + crc32c verify across ${CYCLES} SIGKILLs at random moments, each followed by recover: no errors`, async (t) => {
+  t.test(`${target} with -r 1 -i 1: fio write + crc32c verify across ${CYCLES} SIGKILLs at random moments, each followed by recover: no errors`, onKernel(target === 'loop' ? 'lts' : 'newest'), async (t) => {
     const backing = join(work, `${target}.img`);
     if (target === 'loop') spawnSync('truncate', ['-s', '64M', backing]);
     const targetArgs = target === 'loop' ? ['-f', backing] : ['-s', '64M'];
@@ -348,7 +348,7 @@ f=open(sys.argv[1],'r+b'); f.seek(446); f.write(struct.pack('<B3sB3sII',0,b'\\0'
   t.end();
 });
 
-t.test('queue threads are I/O flushers (PR_SET_IO_FLUSHER: PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE)', (t) => {
+t.test('queue threads are I/O flushers (PR_SET_IO_FLUSHER: PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE)', onKernel('lts'), (t) => {
   const id = addDevice('-t', 'null', '-s', '1G', '-q', '2');
   const pid = serverPid(id);
   const PF_MEMALLOC_NOIO = 0x00080000;
@@ -364,7 +364,7 @@ t.test('queue threads are I/O flushers (PR_SET_IO_FLUSHER: PF_MEMALLOC_NOIO | PF
   t.end();
 });
 
-t.test('saved devices: add --save NAME, a stable link by name, up and down as the systemd unit runs them', async (t) => {
+t.test('saved devices: add --save NAME, a stable link by name, up and down as the systemd unit runs them', onKernel('lts'), async (t) => {
   process.env.UBLK_CONFIG_DIR = join(work, 'devices');
   t.teardown(() => { delete process.env.UBLK_CONFIG_DIR; });
   // The unit's commands, with %i filled in; `/usr/bin/env ublk` is this checkout's CLI.

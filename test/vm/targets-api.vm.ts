@@ -9,7 +9,7 @@
 import t from 'tap';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { ROOT, addDevice, deviceLog, exists, ext4RoundTrip, fioVerify, noDeviceLeftBehind, ublk, sh, sparseFile, deleteDevice } from './helpers.js';
+import { ROOT, addDevice, deviceLog, exists, ext4RoundTrip, fioVerify, noDeviceLeftBehind, ublk, sh, sparseFile, deleteDevice, onKernel } from './helpers.js';
 
 const MiB = 2 ** 20;
 /** fio's volume per verify pass: 32 MiB in `npm test` (the VM time budget), UBLK_VERIFY_MIB=256 for more. */
@@ -26,7 +26,7 @@ const sparse = (name: string, size: number) => sparseFile(work, name, size);
 
 const del = deleteDevice; // (t, id): del, the server exits, the char device goes
 
-t.test('ublk help -t PATH shows an async module\'s usage', async (t) => {
+t.test('ublk help -t PATH shows an async module\'s usage', onKernel('lts'), async (t) => {
   const r = ublk('help', '-t', RAMDISK);
   t.equal(r.code, 0, r.stderr);
   t.match(r.stdout, /ramdisk: an async target/);
@@ -34,7 +34,7 @@ t.test('ublk help -t PATH shows an async module\'s usage', async (t) => {
 });
 
 for (const queues of [1, 2]) {
-  t.test(`examples/ramdisk.mjs from a path, ${queues} queue(s): fio write + crc32c verify`, async (t) => {
+  t.test(`examples/ramdisk.mjs from a path, ${queues} queue(s): fio write + crc32c verify`, onKernel(queues === 1 ? 'lts' : 'newest'), async (t) => {
     const id = addDevice('-t', RAMDISK, '--size', '256M', '-q', String(queues));
     const dev = `/dev/ublkb${id}`;
     for (const bs of queues === 1 ? ['4k', '128k'] : ['4k']) {
@@ -47,7 +47,7 @@ for (const queues of [1, 2]) {
   });
 }
 
-t.test('a module whose every request waits on the event loop (fs.promises): fio verify at QD 1 and 32, 2 queues', async (t) => {
+t.test('a module whose every request waits on the event loop (fs.promises): fio verify at QD 1 and 32, 2 queues', onKernel('lts'), async (t) => {
   const file = sparse('file-disk.img', 256 * MiB);
   const id = addDevice('-t', FILE_DISK, '--file', file, '-q', '2');
   const dev = `/dev/ublkb${id}`;
@@ -60,12 +60,12 @@ t.test('a module whose every request waits on the event loop (fs.promises): fio 
   await del(t, id);
 });
 
-t.test('ext4 on a module loaded from a path: mkfs, files, e2fsck -fn clean, same checksums after a re-add', async (t) => {
+t.test('ext4 on a module loaded from a path: mkfs, files, e2fsck -fn clean, same checksums after a re-add', onKernel('lts'), async (t) => {
   const file = sparse('ext4.img', 256 * MiB);
   ext4RoundTrip(t, file, join(work, 'mnt'), ['-q', '2'], ['-t', FILE_DISK, '--file', file]);
 });
 
-t.test('errors a target throws reach the caller as the errno they name; a hung request is reported', async (t) => {
+t.test('errors a target throws reach the caller as the errno they name; a hung request is reported', onKernel('lts'), async (t) => {
   const file = sparse('errors.img', 16 * MiB);
   const id = addDevice('-t', FILE_DISK, '--file', file, '--eio-at', '1M', '--enospc-at', '2M', '--hang-at', '3M', '--hang-ms', '2500', '--request-timeout', '500');
   const dev = `/dev/ublkb${id}`;
@@ -84,7 +84,7 @@ t.test('errors a target throws reach the caller as the errno they name; a hung r
   await del(t, id);
 });
 
-t.test('ublk add -t with a module that is not a target, or options it refuses: exit 2, nothing made', async (t) => {
+t.test('ublk add -t with a module that is not a target, or options it refuses: exit 2, nothing made', onKernel('lts'), async (t) => {
   const notTarget = join(work, 'nothing.mjs');
   writeFileSync(notTarget, 'export default { name: "nothing" };\n');
   let r = ublk('add', '-t', notTarget);

@@ -6,7 +6,7 @@ import t from 'tap';
 import { readFileSync } from 'node:fs';
 import { UblkControl } from '../../src/ublk/control.js';
 import { UBLK_FEATURES } from '../../src/ublk/abi.js';
-import { addDevice, alive, exists, fio, fioBackground, ublk, ublkIds, waitFor, ROOT, noDeviceLeftBehind } from './helpers.js';
+import { addDevice, alive, exists, fio, fioBackground, ublk, ublkIds, waitFor, ROOT, noDeviceLeftBehind, onKernel } from './helpers.js';
 
 const runState = (id: number) => JSON.parse(readFileSync(`/run/ublk/ublkb${id}.json`, 'utf8')) as { pid: number };
 
@@ -94,7 +94,7 @@ function spawnDd(dev: string) {
   return spawnSync('dd', ['if=/dev/zero', `of=${dev}`, 'bs=64k', 'count=100', 'oflag=direct,dsync'], { encoding: 'utf8' });
 }
 
-t.test('usage errors exit 2 with one line, and leave no device behind', (t) => {
+t.test('usage errors exit 2 with one line, and leave no device behind', onKernel('lts'), (t) => {
   const cases: Array<[string[], RegExp]> = [
     [['add'], /needs -t TYPE/],
     [['add', '-t', 'nosuch'], /unknown target 'nosuch'/],
@@ -119,7 +119,7 @@ t.test('usage errors exit 2 with one line, and leave no device behind', (t) => {
   t.end();
 });
 
-t.test('a taken device id is refused and the existing device is untouched', (t) => {
+t.test('a taken device id is refused and the existing device is untouched', onKernel('newest'), (t) => {
   const id = addDevice('-t', 'null', '-n', '3');
   const r = ublk('add', '-t', 'null', '-n', '3');
   t.equal(r.code, 1);
@@ -130,7 +130,7 @@ t.test('a taken device id is refused and the existing device is untouched', (t) 
   t.end();
 });
 
-t.test('SIGTERM to the server stops and deletes its device', async (t) => {
+t.test('SIGTERM to the server stops and deletes its device', onKernel('lts'), async (t) => {
   const id = addDevice('-t', 'null');
   const pid = runState(id).pid;
   process.kill(pid, 'SIGTERM');
@@ -169,14 +169,14 @@ t.test('kill -9 of the server while fio runs: fio fails, del cleans up, nothing 
   t.notOk(exists(`/dev/ublkc${id}`), 'the device is gone');
 });
 
-t.test('not root: a one-line error that says so', (t) => {
+t.test('not root: a one-line error that says so', onKernel('newest'), (t) => {
   const r = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, `${ROOT}/bin/ublk.js`, 'list'], { encoding: 'utf8' });
   t.equal(r.status, 1);
   t.match(r.stderr, /cannot open \/dev\/ublk-control \(EACCES\): run as root/);
   t.end();
 });
 
-t.test('no ublk_drv: the error names modprobe ublk_drv, and add creates nothing', (t) => {
+t.test('no ublk_drv: the error names modprobe ublk_drv, and add creates nothing', onKernel('lts'), (t) => {
   const rm = spawnSync('rmmod', ['ublk_drv'], { encoding: 'utf8' });
   t.equal(rm.status, 0, `rmmod ublk_drv ${rm.stderr}`);
   t.teardown(() => {
