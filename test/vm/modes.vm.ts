@@ -74,7 +74,7 @@ const MODES: ModeCase[] = [
   { label: 'get_data', name: 'get_data', args: ['-g'], flag: UBLK_F_NEED_GET_DATA, since: '6.0', short: ['loop'] },
   { label: 'user_copy', name: 'user_copy', args: ['-u'], flag: UBLK_F_USER_COPY, since: '6.5', short: ['mem'] },
   { label: 'zero_copy', name: 'zero_copy', args: ['-z'], flag: UBLK_F_SUPPORT_ZERO_COPY, since: '6.15', zc: true, short: ['loop'] },
-  { label: 'auto_zc', name: 'auto_zc', args: ['--auto_zc'], flag: UBLK_F_AUTO_BUF_REG, since: '6.16', zc: true, short: ['loop', 'recover', 'ext4'] },
+  { label: 'auto_zc', name: 'auto_zc', args: ['--auto_zc'], flag: UBLK_F_AUTO_BUF_REG, since: '6.16', zc: true, short: ['loop', 'ext4'] },
   {
     label: 'auto_zc_fallback', name: 'auto_zc', args: ['--auto_zc_fallback'], flag: UBLK_F_AUTO_BUF_REG, since: '6.16', zc: true,
     env: { UBLK_TEST_FORCE_REG_FALLBACK: '1' }, short: ['loop'],

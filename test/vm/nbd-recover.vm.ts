@@ -6,13 +6,13 @@
  */
 import t from 'tap';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { addDevice, freePort, fioJob, killServer, noDeviceLeftBehind, serverPid, sleep, ublk, waitFor } from './helpers.js';
+import { addDevice, freePort, fioJob, killServer, noDeviceLeftBehind, serverPid, sleep, ublk, waitFor, onKernel } from './helpers.js';
 
 const CYCLES = Number(process.env.UBLK_RECOVER_CYCLES ?? 2);
 
 t.afterEach(noDeviceLeftBehind);
 
-t.test(`nbd with -r 1 -i 1 -q 2: fio verify across ${CYCLES} kill -9 + recover cycles of the ublk server`, async (t) => {
+t.test(`nbd with -r 1 -i 1 -q 2: fio verify across ${CYCLES} kill -9 + recover cycles of the ublk server`, onKernel('lts'), async (t) => {
   const port = await freePort();
   const nbdkit: ChildProcess = spawn('nbdkit', ['-f', '-p', String(port), '-i', '127.0.0.1', 'memory', '128M'], { stdio: 'ignore' });
   t.teardown(() => { nbdkit.kill('SIGKILL'); });

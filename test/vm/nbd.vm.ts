@@ -31,7 +31,7 @@ import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import {
   ROOT, addDevice, freePort, alive, deleteDevice, deviceLog, fioVerify, noDeviceLeftBehind, sh, sleep, sparseFile, ublk, ublkIds, waitFor,
-  onKernel,
+  onKernel, fullSuiteOnly,
 } from './helpers.js';
 
 const MiB = 2 ** 20;
@@ -186,7 +186,7 @@ function readBlock(dev: string, block: number, timeoutS = 60) {
 // ---------------------------------------------------------------------------------------------
 
 for (const queues of [1, 2]) {
-  t.test(`nbdkit memory over TCP, ${queues} queue(s): one connection per queue, fio randwrite + crc32c verify, then a verify-only pass`, onKernel(queues === 1 ? 'lts' : 'newest'), async (t) => {
+  t.test(`nbdkit memory over TCP, ${queues} queue(s): one connection per queue, fio randwrite + crc32c verify, then a verify-only pass`, queues === 1 ? fullSuiteOnly() : onKernel('newest'), async (t) => {
     const port = await freePort();
     const server = nbdkit(`memory-q${queues}`, tcp(port), ['memory', 'size=32M']);
     try {

@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { addDevice, alive, deleteDevice, fioJob, fioVerify, noDeviceLeftBehind, serverPid, sh, sleep, state, ublk, waitFor, onKernel } from './helpers.js';
 
 const MiB = 2 ** 20;
-const CRASHES = Number(process.env.UBLK_QCOW2_CRASHES ?? 3);
+const CRASHES = Number(process.env.UBLK_QCOW2_CRASHES ?? 2);
 const work = mkdtempSync('/tmp/ublk-qcow2-');
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
 t.afterEach(noDeviceLeftBehind);

@@ -9,7 +9,7 @@
 import t from 'tap';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { ROOT, addDevice, deviceLog, exists, ext4RoundTrip, fioVerify, noDeviceLeftBehind, ublk, sh, sparseFile, deleteDevice, onKernel } from './helpers.js';
+import { ROOT, addDevice, deviceLog, exists, ext4RoundTrip, fioVerify, noDeviceLeftBehind, ublk, sh, sparseFile, deleteDevice, onKernel, fullSuiteOnly } from './helpers.js';
 
 const MiB = 2 ** 20;
 /** fio's volume per verify pass: 32 MiB in `npm test` (the VM time budget), UBLK_VERIFY_MIB=256 for more. */
@@ -60,7 +60,7 @@ t.test('a module whose every request waits on the event loop (fs.promises): fio 
   await del(t, id);
 });
 
-t.test('ext4 on a module loaded from a path: mkfs, files, e2fsck -fn clean, same checksums after a re-add', onKernel('lts'), async (t) => {
+t.test('ext4 on a module loaded from a path: mkfs, files, e2fsck -fn clean, same checksums after a re-add', fullSuiteOnly(), async (t) => {
   const file = sparse('ext4.img', 256 * MiB);
   ext4RoundTrip(t, file, join(work, 'mnt'), ['-q', '2'], ['-t', FILE_DISK, '--file', file]);
 });

@@ -63,7 +63,7 @@ t.test('add, list and del with 1 and 4 queues, several devices at once', async (
 });
 
 for (const queues of [1, 4]) {
-  t.test(`fio 4k on null with ${queues} queue(s): randread/randwrite x QD 1/128 x io_uring/libaio`, (t) => {
+  t.test(`fio 4k on null with ${queues} queue(s): randread/randwrite x QD 1/128 x io_uring/libaio`, onKernel(queues === 1 ? 'lts' : 'newest'), (t) => {
     const id = addDevice('-t', 'null', '-q', String(queues), '-s', '4G');
     const dev = `/dev/ublkb${id}`;
     for (const rw of ['randread', 'randwrite']) {
