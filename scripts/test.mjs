@@ -81,7 +81,7 @@ if (missing) {
     // Tests that check only our code above the queue engine run on one of the two kernels
     // (onKernel in test/vm/helpers.ts); any other kernel skips them.
     process.env.UBLK_VM_SUITE = kernel === 'newest' || kernel === 'lts' ? kernel : 'short';
-    const r = await runTap(['--import', 'tsx', 'scripts/vm.ts', '--kernel', kernel, '--timeout', '3300',
+    const r = await runTap(['--import', 'tsx', 'scripts/vm.ts', '--kernel', kernel, '--timeout', '2400',
       // ublk grants a device at most one queue per CPU: 4 vCPUs let the suite test 4-queue devices.
       '--cpus', '4', '--',
       'node', 'build/vm/test/vm/run-in-vm.js']);

@@ -10,7 +10,7 @@ import { createInterface } from 'node:readline';
 import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, readSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
-import { ROOT, addDevice, deviceLog, fioVerify, noDeviceLeftBehind, ublk, sh, deleteDevice, onKernel } from './helpers.js';
+import { ROOT, addDevice, deviceLog, fioVerify, noDeviceLeftBehind, ublk, sh, deleteDevice, onKernel, fullSuiteOnly } from './helpers.js';
 
 const MiB = 2 ** 20;
 const work = mkdtempSync('/tmp/ublk-examples-');
@@ -20,7 +20,7 @@ t.afterEach(noDeviceLeftBehind);
 
 const del = deleteDevice; // (t, id): del, the server exits, the char device goes
 
-t.test('examples/http-disk.mjs: an ext4 image over HTTP reads back byte for byte and mounts read-only', onKernel('lts'), async (t) => {
+t.test('examples/http-disk.mjs: an ext4 image over HTTP reads back byte for byte and mounts read-only', fullSuiteOnly(), async (t) => {
   const img = join(work, 'served.img');
   writeFileSync(img, '');
   truncateSync(img, 64 * MiB);

@@ -134,7 +134,7 @@ t.test('blkdiscard punches holes in the backing (a range, then the whole device)
 // must wait for writeback, read at a fixed rate (the queue sleeps between requests). The
 // transfers go NOWAIT, fail EAGAIN, and are sent again unlinked; every read must come back, with
 // the bytes that were written.
-t.test('O_DIRECT transfers that would block (dirty page cache on ext4) are sent again unlinked: every request answered, bytes intact', async (t) => {
+t.test('O_DIRECT transfers that would block (dirty page cache on ext4) are sent again unlinked: every request answered, bytes intact', onKernel('newest'), async (t) => {
   const m = sh('modprobe', ['-d', process.env.UBLK_VM_KROOT ?? '/', 'brd', 'rd_nr=1', 'rd_size=196608']);
   t.equal(m.code, 0, `modprobe brd ${m.err}`);
   const mnt = join(work, 'ext4');
