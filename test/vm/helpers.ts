@@ -262,6 +262,9 @@ export function freePort(): Promise<number> {
   });
 }
 
+/** No UBLK_VM_SUITE (a file run by hand), or `all`: every test runs. */
+const everyTest = (): boolean => !process.env.UBLK_VM_SUITE || process.env.UBLK_VM_SUITE === 'all';
+
 /** The two kernels `npm test` runs the VM suite on (scripts/test.mjs sets UBLK_VM_SUITE to one). */
 export type SuiteKernel = 'lts' | 'newest';
 
@@ -273,8 +276,7 @@ export type SuiteKernel = 'lts' | 'newest';
  * hand (UBLK_VM_SUITE unset) and `UBLK_VM_SUITE=all` run every test.
  */
 export function onKernel(kernel: SuiteKernel): { skip: string | false } {
-  const suite = process.env.UBLK_VM_SUITE;
-  if (suite === undefined || suite === '' || suite === 'all' || suite === kernel) return { skip: false };
+  if (everyTest() || process.env.UBLK_VM_SUITE === kernel) return { skip: false };
   return { skip: `npm test runs this on the ${kernel === 'lts' ? '6.12 LTS' : 'newest'} kernel (UBLK_VM_SUITE=all runs every test)` };
 }
 
@@ -284,7 +286,6 @@ export function onKernel(kernel: SuiteKernel): { skip: string | false } {
  * over the same target). `UBLK_VM_SUITE=all` runs it, as does a file run by hand.
  */
 export function fullSuiteOnly(): { skip: string | false } {
-  const suite = process.env.UBLK_VM_SUITE;
-  if (suite === undefined || suite === '' || suite === 'all') return { skip: false };
+  if (everyTest()) return { skip: false };
   return { skip: 'npm test leaves this out for its time budget (UBLK_VM_SUITE=all runs every test)' };
 }
