@@ -17,3 +17,4 @@ export * from './buf-ring.js';
 export * from './probe.js';
 export * as abi from './abi.js';
 export { Mapping, MAX_VIEW_BYTES, pageAlign, withScratch, SysError, errnoName, PAGE_SIZE, sys, libc } from '../libc/index.js';
+export * from './trace.js';

@@ -23,6 +23,7 @@
 import { readFileSync } from 'node:fs';
 import { Mapping, SysError, sys, libc, withScratch } from '../libc/index.js';
 import { getU64 } from './prep.js';
+import type { RingTracer } from './trace.js';
 import {
   io_uring_params, io_sqring_offsets, io_cqring_offsets, io_uring_rsrc_update,
   io_uring_getevents_arg, __kernel_timespec, IORING_SETUP_SQPOLL, IORING_SETUP_SQ_AFF,
@@ -161,6 +162,13 @@ export class IoUring {
   /** A page for small kernel-read arguments (getevents arg, timespec). */
   private readonly scratch: Mapping;
   private closed = false;
+  /**
+   * A live trace of this ring (trace.ts): told of every SQE as it is published and every CQE as
+   * it is handed back. Null (the default) costs a comparison in flushSq and cqAdvance.
+   */
+  tracer: RingTracer | null = null;
+  /** cqeAt as a function value, made once, for the tracer. */
+  private readonly cqeAtFn = (i: number) => this.cqeAt(i);
 
   /**
    * `io_uring_queue_init_params`: creates a ring with `entries` SQEs (a power of two, 1..32768).
@@ -346,6 +354,7 @@ export class IoUring {
   flushSq(): number {
     const tail = this.sqeTail;
     if (this.sqeHead !== tail) {
+      if (this.tracer !== null) this.tracer.submitted(this.sqes, this.sqeHead, tail, this.sqMask, this.sqeShift);
       this.sqeHead = tail;
       // Release: the SQE words written above become visible before the tail that covers them.
       Atomics.store(this.sq, this.sqTail, tail);
@@ -535,6 +544,7 @@ export class IoUring {
    */
   cqAdvance(n: number): void {
     if (n === 0) return;
+    if (this.tracer !== null) this.tracer.completed(this.cq, n, this.cqeAtFn);
     this.localCqHead = (this.localCqHead + n) >>> 0;
     Atomics.store(this.cq, this.cqHead, this.localCqHead);
   }
@@ -561,6 +571,7 @@ export class IoUring {
     const ready = (Atomics.load(this.cq, this.cqTail) - this.localCqHead) >>> 0;
     const n = ready < max ? ready : max;
     if (n === 0) return 0;
+    if (this.tracer !== null) this.tracer.completed(this.cq, n, this.cqeAtFn);
     const cq = this.cq;
     const base = this.cqeBase;
     const mask = this.cqMask;
