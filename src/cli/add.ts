@@ -72,6 +72,8 @@ export const ADD_OPTIONS: readonly OptionSpec[] = [
   // UBLK_F_SHMEM_ZC (7.1): --htlb FILE (a hugetlbfs or tmpfs file, as in kublk) is mapped shared and
   // registered; a client's O_DIRECT I/O from its own mapping of the file is served in place.
   { key: 'shmemZc', names: ['--shmem_zc'], kind: 'flag' },
+  // Every SQE and CQE of the server's rings, decoded, in its log (src/ublk/trace.ts).
+  { key: 'trace', names: ['--trace'], kind: 'flag' },
   { key: 'htlb', names: ['--htlb'], kind: 'string' },
 ];
 
@@ -94,6 +96,7 @@ export async function add(argv: string[]): Promise<number> {
     target: resolveTargetModule(type) ?? type,
     targetOptions,
     requestTimeoutMs: values.requestTimeout as number | undefined,
+    trace: values.trace === true ? true : undefined,
     devId: values.devId as number | undefined,
     queues: (values.queues as number | undefined) ?? 1,
     depth: (values.depth as number | undefined) ?? 128,

@@ -26,6 +26,7 @@ import { serve, type ServeConfig } from './serve.js';
 import { RunDir, type DeviceState } from './run-dir.js';
 import { deviceNamed, loadSaved, savedDevices } from './saved.js';
 import { replay } from './replay.js';
+import { trace } from './trace.js';
 
 const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
 
@@ -51,6 +52,8 @@ commands:
                           are split among N/Q threads, each with its own ring (6.16)
       [--spin-us N]       low latency: each queue spins up to N µs for the next request
                           before sleeping (costs a CPU while it spins)
+      [--trace]           print every SQE and CQE of the control and queue rings, decoded
+                          (to the server's log; with --foreground, to the terminal)
   del -n ID | -a [--async] [--safe]
                           stop and delete one device or all of them (--safe: not while
                           the disk is open or mounted)
@@ -73,6 +76,9 @@ commands:
   list [-n ID] [-v] [--json]
                           show devices
   features [--json]       the ublk features this kernel supports
+  trace -n ID [--count N] [--seconds S]
+                          follow a running server's live trace: every SQE and CQE of its
+                          control and queue rings, decoded (UBLK_TRACE=1: a library server's)
   replay TRACE --to PATH [--until-flush N]
                           apply a write trace (add -t fault --record TRACE) to a file or
                           block device, up to the N-th FLUSH
@@ -137,6 +143,8 @@ export async function main(argv: string[]): Promise<number> {
         return features(rest);
       case 'replay':
         return replay(rest);
+      case 'trace':
+        return await trace(rest);
       case '__serve':
         // The detached server (add.ts starts it): its configuration comes as JSON.
         return await serve(JSON.parse(rest[0] ?? '{}') as ServeConfig);

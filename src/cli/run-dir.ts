@@ -63,6 +63,11 @@ export class RunDir {
     return join(this.path, `ublkb${id}.json`);
   }
 
+  /** The FIFO a `ublk trace -n ID` reader creates, and device ID's server writes its trace into. */
+  tracePath(id: number): string {
+    return join(this.path, `ublkb${id}.trace`);
+  }
+
   get logDir(): string {
     return join(this.path, 'log');
   }

@@ -28,6 +28,8 @@
  * - If the queues end because someone else quiesced the device, it leaves too.
  * SIGTERM and SIGINT still stop and delete the device: that is what the operator asked for.
  */
+import { watch, lstatSync, type FSWatcher } from 'node:fs';
+import { basename } from 'node:path';
 import { UblkServer } from '../ublk/server.js';
 import { UblkControl, UblkError, type DevInfo } from '../ublk/control.js';
 import { UBLK_S_DEV_QUIESCED } from '../ublk/abi.js';
@@ -61,6 +63,8 @@ export interface ServeConfig {
   recover?: boolean;
   /** The detached server's log file (named in the state, so `list -v` shows it). */
   log?: string;
+  /** --trace: every SQE and CQE of the rings in the log (ServerOptions.trace). */
+  trace?: boolean;
 }
 
 /** What a detached server tells `ublk add`, in order: `added` (once ADD_DEV worked), then `ready` or `failed`. */
@@ -157,6 +161,7 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
     const common = {
       target: t.def, targetUrl: t.url, targetOptions: cfg.targetOptions, signal: abort.signal, force: force.signal, spinUs: cfg.spinUs, requestTimeoutMs: cfg.requestTimeoutMs, autoZcFallback: cfg.autoZcFallback,
       threadsPerQueue: cfg.threadsPerQueue, sharedFiles: cfg.sharedFiles,
+      trace: cfg.trace, traceFifo: (devId: number) => runDir.tracePath(devId),
     };
     server = cfg.recover
       ? await UblkServer.recover({ ...common, devId: cfg.devId! })
@@ -203,6 +208,7 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
       log(`device ${id}: cannot link ${BY_NAME_DIR}/${cfg.name}: ${(e as Error).message}`);
     }
   }
+  const traceWatch = watchTraceReaders(runDir, server);
   if (!abort.signal.aborted) {
     report({ kind: 'ready', devId: id, queues: server.info.nrHwQueues });
     if (process.connected) process.disconnect?.();
@@ -222,6 +228,7 @@ export async function serve(cfg: ServeConfig, printReady?: (id: number) => void)
     status = 1;
     return -1;
   });
+  traceWatch?.close();
   if (!leaving && server.recoverable && !abort.signal.aborted && quiesced(id)) {
     log(`device ${id} was quiesced (QUIESCE_DEV)`);
     leaving = true;
@@ -265,5 +272,41 @@ function quiesced(id: number): boolean {
     return false; // gone: deleted by `ublk del`
   } finally {
     ctrl.close();
+  }
+}
+
+/**
+ * Watches the run directory for a `ublk trace -n ID` reader's FIFO (inotify: nothing runs until
+ * one appears) and hands each new one to the server, which traces into it until the reader
+ * leaves. Undefined if the directory cannot be watched (then `ublk trace` says the server did
+ * not answer).
+ */
+function watchTraceReaders(runDir: RunDir, server: UblkServer): FSWatcher | undefined {
+  const path = runDir.tracePath(server.devId);
+  const name = basename(path);
+  let followed = -1;
+  const look = (quiet: boolean) => {
+    let ino: number;
+    try {
+      const st = lstatSync(path);
+      if (!st.isFIFO()) return;
+      ino = st.ino;
+    } catch {
+      return; // removed again
+    }
+    if (ino === followed) return; // one FIFO raises several events
+    followed = ino;
+    if (!server.followTrace() && !quiet) log(`device ${server.devId}: a trace reader's FIFO appeared, but nobody reads it`);
+  };
+  try {
+    const w = watch(runDir.path, { persistent: false }, (_event, file) => {
+      if (file === name) look(false);
+    });
+    w.on('error', () => { /* the directory went away: no more readers */ });
+    look(true); // a reader that was there before we watched (or the FIFO of one that was killed)
+    return w;
+  } catch (e) {
+    log(`device ${server.devId}: cannot watch ${runDir.path} for trace readers: ${(e as Error).message}`);
+    return undefined;
   }
 }

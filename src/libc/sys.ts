@@ -47,6 +47,7 @@ const pwriteBuf_ = libc.func('intptr_t pwrite(int fd, const void *buf, size_t co
 const read_ = libc.func('intptr_t read(int fd, intptr_t buf, size_t count)');
 const write_ = libc.func('intptr_t write(int fd, intptr_t buf, size_t count)');
 const getpagesize_ = libc.func('int getpagesize(void)');
+const mkfifo_ = libc.func('int mkfifo(const char *path, uint32_t mode)');
 
 const errnoNames = new Map<number, string>();
 for (const [name, value] of Object.entries(osConstants.errno)) {
@@ -145,6 +146,11 @@ export function madvise(addr: number, length: number, advice: number): void {
 
 export function open(path: string, flags: number, mode = 0o644): number {
   return check(open_(path, flags, mode), () => `open(${JSON.stringify(path)}, 0o${flags.toString(8)})`);
+}
+
+/** `mkfifo(3)`: a named pipe at `path` (Node has no call for it). */
+export function mkfifo(path: string, mode: number): void {
+  check(mkfifo_(path, mode), () => `mkfifo(${path})`);
 }
 
 export function close(fd: number): void {

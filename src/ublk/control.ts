@@ -20,6 +20,7 @@
  * queues (it waits until every tag has a FETCH outstanding), and the queues live in workers.
  * libublk-rs's `UblkCtrl` and ublksrv's `ublksrv_ctrl_*` are the references.
  */
+import type { RingTracer } from '../uring/trace.js';
 import { existsSync, readdirSync } from 'node:fs';
 import { IoUring, setUserData, abi as uringAbi } from '../uring/index.js';
 import { Mapping, SysError, errnoName, sys, libc } from '../libc/index.js';
@@ -78,6 +79,11 @@ export class UblkControl {
   private featuresCache: number | undefined;
   /** An async command is waiting for its CQE (one command at a time per control ring). */
   private busy = false;
+
+  /** Traces the control ring's SQEs and CQEs (src/uring/trace.ts), or stops with null. */
+  setTracer(tracer: RingTracer | null): void {
+    this.ring.tracer = tracer;
+  }
 
   /**
    * Opens /dev/ublk-control. Fails with a message that names the fix: load the module, or run

@@ -21,6 +21,8 @@ export interface QueueThreadData extends Pick<UblkQueueOptions, 'charFd' | 'qid'
   counters: SharedArrayBuffer;
   /** QueueInfo.requestTimeoutMs: report requests a handler on the event loop holds longer. */
   requestTimeoutMs?: number;
+  /** UblkQueueOptions.trace, with the generation word as shared memory. */
+  trace?: { stderr: boolean; word?: SharedArrayBuffer; fifo?: string };
 }
 
 /** Control word bits: stop serving (the queue closes); fail every request the target holds (UblkQueue.failHeld). */

@@ -56,6 +56,7 @@ try {
     tagStride: data.tagStride,
     tagOffset: data.tagOffset,
     sharedRegions: data.sharedRegions,
+    trace: data.trace && { stderr: data.trace.stderr, fifo: data.trace.fifo, word: data.trace.word && new Int32Array(data.trace.word) },
     handler,
     wakeFd: data.wakeFd,
     log: (line) => send({ kind: 'log', qid: data.qid, line }),

@@ -52,6 +52,8 @@
  * delivers tags in groups, and the answers gathered between two io_uring_enter calls go in one
  * COMMIT_IO_CMDS ([COMMIT]). It combines with every data path above but NEED_GET_DATA.
  */
+import { RingTrace } from '../uring/trace.js';
+import { TraceSink, queueTraceDecoder } from './trace.js';
 import {
   IoUring, addFlags, prepCancel2, setU64, prepNop, prepPollMultishot, registerBuffersSparse, registerEventfd, registerFiles, setUserData2, updateFiles,
   abi as uringAbi,
@@ -124,6 +126,12 @@ export interface UblkQueueOptions {
    * the task work that carries the request).
    */
   spinUs?: number;
+  /**
+   * A live trace of this queue's ring (trace.ts): `stderr` traces from the start; `word[0]` is a
+   * generation the server bumps (then wakes the queue) when a `ublk trace` reader created `fifo`,
+   * which the queue then opens and writes to until the reader leaves.
+   */
+  trace?: { stderr: boolean; word?: Int32Array; fifo?: string };
   /** Where request data lives (request-data.ts; default: the tag buffer, the kernel copies). */
   dataHome?: DataHome;
   /**
@@ -430,6 +438,56 @@ export class UblkQueue implements QueueContext {
     } catch (e) {
       for (const f of cleanup.reverse()) f();
       throw e;
+    }
+    if (opts.trace?.stderr) this.ring.tracer = this.makeTracer(TraceSink.stderr());
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Live trace
+  // -------------------------------------------------------------------------------------------
+
+  private traceGen = 0;
+  private traceSink: TraceSink | undefined;
+
+  /** The ring's name in trace lines: `q0`, or `q0.1` for the second thread of a queue. */
+  private get traceName(): string {
+    const o = this.opts;
+    return (o.tagStride ?? 1) > 1 ? `q${o.qid}.${o.tagOffset ?? 0}` : `q${o.qid}`;
+  }
+
+  private makeTracer(sink: TraceSink): RingTrace {
+    const kinds: Record<number, string> = {
+      [KIND_WAKE]: 'wake', [KIND_CANCEL]: 'cancel', [KIND_IGNORE]: 'ignored', [KIND_BATCH_PREP]: 'batch prep',
+    };
+    return new RingTrace(this.traceName, sink.write, queueTraceDecoder({
+      cmdKind: KIND_CMD,
+      desc32: this.desc32,
+      userData: (lo, hi) => {
+        if (hi === KIND_CMD) return `cmd tag ${lo}`;
+        if (hi === KIND_TARGET) return `target slot ${lo}${this.slotTag[lo] !== undefined && this.slotTag[lo]! >= 0 ? ` (tag ${this.slotTag[lo]})` : ''}`;
+        if (hi === KIND_BUFREG) return `bufreg tag ${lo}`;
+        if (hi === KIND_BATCH_COMMIT) return `batch commit buffer ${lo}`;
+        if (hi === KIND_BATCH_FETCH) return `batch fetch group ${lo}`;
+        return kinds[hi];
+      },
+    }));
+  }
+
+  /**
+   * Follows the server's trace word: a new generation means a `ublk trace` reader is waiting on
+   * the FIFO. A reader that left (its sink closed) ends the trace. One Atomics.load per reap.
+   */
+  private checkTrace(word: Int32Array): void {
+    const gen = Atomics.load(word, 0);
+    if (gen !== this.traceGen) {
+      this.traceGen = gen;
+      this.traceSink?.close();
+      this.traceSink = this.opts.trace?.fifo ? TraceSink.fifo(this.opts.trace.fifo) : undefined;
+      if (this.traceSink) this.ring.tracer = this.makeTracer(this.traceSink);
+      else if (!this.opts.trace?.stderr) this.ring.tracer = null;
+    } else if (this.traceSink?.closed) {
+      this.traceSink = undefined;
+      this.ring.tracer = this.opts.trace?.stderr ? this.makeTracer(TraceSink.stderr()) : null;
     }
   }
 
@@ -1036,6 +1094,8 @@ export class UblkQueue implements QueueContext {
   /** Handles every CQE posted so far; returns how many. */
   private reap(): number {
     const ring = this.ring;
+    const traceWord = this.opts.trace?.word;
+    if (traceWord !== undefined) this.checkTrace(traceWord);
     const cq = ring.cq;
     const ready = ring.cqReady();
     for (let i = 0; i < ready; i++) {
@@ -1363,6 +1423,8 @@ export class UblkQueue implements QueueContext {
       this.log(`ublk queue ${this.qid}: the target's close() threw: ${(e as Error)?.stack ?? String(e)}`);
     } finally {
       this.loopPoll?.close();
+      this.ring.tracer = null;
+      this.traceSink?.close();
       this.ring.close();
       // The ring held a reference to the eventfd's context; with the ring gone, nothing signals it.
       if (this.loopFd !== undefined) sys.close(this.loopFd);

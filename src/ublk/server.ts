@@ -16,6 +16,8 @@
  * LIVE again; with REISSUE the requests the old server held are sent again). The main thread never blocks on the queues: it waits for
  * their messages on its event loop, which stays free for targets that run there.
  */
+import { RingTrace, traceTime } from '../uring/trace.js';
+import { TraceSink, controlTraceDecoder } from './trace.js';
 import { closeSync, fstatSync, openSync } from 'node:fs';
 import type { Worker } from 'node:worker_threads';
 import { Mapping, PAGE_SIZE, SysError, libc, sys } from '../libc/index.js';
@@ -107,6 +109,31 @@ export interface ServerOptions<O> {
   force?: AbortSignal;
   /** Where the queues' lines go (a target's nonsense answer, a throw, a drain that timed out); default stderr. */
   log?: (line: string) => void;
+  /**
+   * A live trace to stderr of the control ring and every queue ring: each SQE and CQE decoded
+   * (src/uring/trace.ts, src/ublk/trace.ts). The environment variable UBLK_TRACE=1 turns it on
+   * for any server.
+   */
+  trace?: boolean;
+  /**
+   * The path of the FIFO a trace reader (`ublk trace -n ID`) creates for this device, given its
+   * id: {@link UblkServer.followTrace} then sends the trace there until the reader leaves.
+   */
+  traceFifo?: (devId: number) => string;
+}
+
+/** How the queues trace: a shared generation word for followTrace, and where the lines go. */
+function queueTrace<O>(opts: ServerOptions<O>, devId: number): { stderr: boolean; word?: SharedArrayBuffer; fifo?: string } {
+  return {
+    stderr: opts.trace === true || process.env.UBLK_TRACE === '1',
+    word: opts.traceFifo !== undefined ? new SharedArrayBuffer(4) : undefined,
+    fifo: opts.traceFifo?.(devId),
+  };
+}
+
+/** Traces the control ring to stderr, if the options (or UBLK_TRACE=1) ask for it. */
+function traceControl<O>(ctrl: UblkControl, opts: ServerOptions<O>): void {
+  if (opts.trace === true || process.env.UBLK_TRACE === '1') ctrl.setTracer(new RingTrace('ctrl', TraceSink.stderr().write, controlTraceDecoder));
 }
 
 interface QueueThread {
@@ -140,8 +167,12 @@ export class UblkServer {
   private readonly charFd: number;
   private readonly counterNames: readonly string[];
 
-  private constructor(ctrl: UblkControl, info: DevInfo, spec: DeviceSpec, charFd: number, queues: QueueThread[], counterNames: readonly string[]) {
+  private readonly trace: ReturnType<typeof queueTrace>;
+  private traceSink: TraceSink | undefined;
+
+  private constructor(ctrl: UblkControl, info: DevInfo, spec: DeviceSpec, charFd: number, queues: QueueThread[], counterNames: readonly string[], trace: ReturnType<typeof queueTrace>) {
     this.ctrl = ctrl;
+    this.trace = trace;
     this.counterNames = counterNames;
     this.charFd = charFd;
     this.info = info;
@@ -174,6 +205,28 @@ export class UblkServer {
       out[name] = this.queues.reduce((sum, q) => sum + q.counters[i]!, 0);
     });
     return out;
+  }
+
+  /**
+   * A trace reader created the FIFO of {@link ServerOptions.traceFifo}: the control ring and
+   * every queue ring trace into it until the reader leaves (each writer notices on its next
+   * write; the queues are woken to open it now). Returns false if nobody reads the FIFO.
+   */
+  followTrace(): boolean {
+    const { word, fifo } = this.trace;
+    if (word === undefined || fifo === undefined) return false;
+    this.traceSink?.close();
+    this.traceSink = TraceSink.fifo(fifo);
+    if (!this.traceSink) return false;
+    this.traceSink.write(`${traceTime()} ctrl # device ${this.devId}, server process ${process.pid}: the control ring and ${this.queues.length} queue ring(s) follow\n`);
+    this.ctrl.setTracer(new RingTrace('ctrl', this.traceSink.write, controlTraceDecoder));
+    Atomics.add(new Int32Array(word), 0, 1);
+    for (const q of this.queues) {
+      try {
+        sys.eventfdSignal(q.wakeFd);
+      } catch { /* the queue is gone */ }
+    }
+    return true;
   }
 
   /** Creates the device and returns once `/dev/ublkb<id>` is live. */
@@ -209,6 +262,7 @@ export class UblkServer {
       const params = paramsFor(spec, maxIoBytes);
       checkAbort();
       ctrl = new UblkControl();
+      traceControl(ctrl, opts);
       info = ctrl.addDev({
         devId: opts.devId ?? ANY_DEV_ID,
         nrHwQueues: queues,
@@ -223,14 +277,15 @@ export class UblkServer {
       charFd = openCharDev(info.devId);
       ctrl.setParams(info.devId, params);
       const regions = registerShared(ctrl, info.devId, opts.sharedFiles ?? []);
-      await attachQueues({ info, charFd, started, targetUrl, opts, spec, nrCounters: counterNames.length, regions });
+      const trace = queueTrace(opts, info.devId);
+      await attachQueues({ info, charFd, started, targetUrl, opts, spec, nrCounters: counterNames.length, regions, trace });
       checkAbort();
       // Not the blocking variant: the kernel's partition scan during START_DEV sends I/O, which
       // an async target serves on this very event loop.
       await ctrl.startDevAsync(info.devId);
       live = true;
       checkAbort();
-      return new UblkServer(ctrl, info, spec, charFd, started, counterNames);
+      return new UblkServer(ctrl, info, spec, charFd, started, counterNames, trace);
     } catch (e) {
       // Unwind: no half-created device may stay behind.
       if (ctrl && info) {
@@ -261,6 +316,7 @@ export class UblkServer {
       if (signal?.aborted) throw new UblkError(`interrupted while recovering device ${opts.devId}; it still waits for a server`, undefined, 'ABORTED');
     };
     const ctrl = new UblkControl();
+    traceControl(ctrl, opts);
     let spec: DeviceSpec | undefined;
     let charFd = -1;
     const started: QueueThread[] = [];
@@ -298,12 +354,13 @@ export class UblkServer {
       const targetUrl = opts.asyncTarget ? siblingUrl(import.meta.url, 'async-queue-thread').href : opts.targetUrl!;
       const counterNames = opts.target?.counters ?? [];
       charFd = openCharDev(info.devId);
-      await attachQueues({ info, charFd, started, targetUrl, opts, spec, nrCounters: counterNames.length });
+      const trace = queueTrace(opts, info.devId);
+      await attachQueues({ info, charFd, started, targetUrl, opts, spec, nrCounters: counterNames.length, trace });
       checkAbort();
       // Like START_DEV, END_USER_RECOVERY waits until every tag is fetched; with REISSUE the
       // held requests arrive right after, so the event loop must keep running (async targets).
       await ctrl.endUserRecoveryAsync(info.devId);
-      return new UblkServer(ctrl, ctrl.devInfo(info.devId), spec, charFd, started, counterNames);
+      return new UblkServer(ctrl, ctrl.devInfo(info.devId), spec, charFd, started, counterNames, trace);
     } catch (e) {
       // Leave the device waiting for a server: stop our queues, let go of the char device.
       for (const q of started) signalQueue(q, CONTROL_STOP);
@@ -444,7 +501,7 @@ async function teardown(o: {
  */
 async function attachQueues<O>(a: {
   info: DevInfo; charFd: number; started: QueueThread[]; targetUrl: string; opts: ServerOptions<O>; spec: DeviceSpec; nrCounters: number;
-  regions?: SharedRegion[];
+  regions?: SharedRegion[]; trace: ReturnType<typeof queueTrace>;
 }): Promise<void> {
   const { info, opts, started } = a;
   // The kernel caps nr_hw_queues at the number of possible CPUs: serve what it granted.
@@ -463,7 +520,7 @@ async function attachQueues<O>(a: {
       started.push(spawnQueue({
         info, charFd: a.charFd, qid, targetUrl: a.targetUrl, targetOptions: opts.targetOptions ?? {}, device: a.spec.queueData,
         nrCounters: a.nrCounters, asyncTarget: opts.asyncTarget, requestTimeoutMs: opts.requestTimeoutMs, drainTimeoutMs: opts.drainTimeoutMs, spinUs: opts.spinUs, autoZcFallback: opts.autoZcFallback, log: opts.log,
-        tagStride: k, tagOffset: t, sharedRegions: a.regions,
+        tagStride: k, tagOffset: t, sharedRegions: a.regions, trace: a.trace,
       }));
     }
   }
@@ -526,6 +583,7 @@ function openCharDev(devId: number): number {
 }
 
 interface SpawnOptions {
+  trace: ReturnType<typeof queueTrace>;
   info: DevInfo;
   charFd: number;
   qid: number;
@@ -616,6 +674,7 @@ function spawnQueue(o: SpawnOptions): QueueThread {
     device: o.device,
     counters,
     requestTimeoutMs: o.requestTimeoutMs,
+    trace: o.trace,
   };
   const worker = startWorker(siblingUrl(import.meta.url, 'queue-thread'), data);
   let onFetched!: () => void;
