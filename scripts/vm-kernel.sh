@@ -8,6 +8,7 @@
 #            version (sort -V; on a tie, the higher +debNN); backports often runs ahead of sid
 #   VERSION  e.g. 6.12.117, 7.2.13 or 7.3.4: that version from the first of bookworm-security,
 #            sid, trixie-backports that has it
+#   SERIES   e.g. 6.16 or 7.2: the newest release of that series in any of the three
 #
 # The directory ($UBLK_CACHE/kernels/<kernel release>, default ~/.cache/ublk) holds
 #   vmlinuz      the kernel
@@ -45,10 +46,14 @@ case $spec in
   lts) collect bookworm-security '^linux-image-6\.12\.[0-9]+\+deb[0-9]+-amd64$' ;;
   newest)
     for s in sid trixie-backports; do collect "$s" '^linux-image-[0-9][0-9.]*\+deb[0-9]+-amd64$'; done ;;
-  [0-9]*)
+  [0-9]*.[0-9]*.[0-9]*)
     re="^linux-image-${spec//./\\.}(\\+deb[0-9]+)?-amd64\$"
     for s in bookworm-security sid trixie-backports; do collect "$s" "$re"; [ -z "$found" ] || break; done ;;
-  *) echo "vm-kernel: unknown kernel '$spec' (lts, newest or a version like 6.12.117)" >&2; exit 2 ;;
+  [0-9]*.[0-9]*)
+    # A series (6.16): its newest release in any of the three suites.
+    re="^linux-image-${spec//./\\.}\\.[0-9]+\\+deb[0-9]+-amd64\$"
+    for s in bookworm-security sid trixie-backports; do collect "$s" "$re"; done ;;
+  *) echo "vm-kernel: unknown kernel '$spec' (lts, newest, a version like 6.12.117 or a series like 6.16)" >&2; exit 2 ;;
 esac
 read -r _ pkg suite <<<"$(pick)" || true
 [ -n "${pkg:-}" ] || { echo "vm-kernel: no Debian package found for kernel '$spec'" >&2; exit 1; }

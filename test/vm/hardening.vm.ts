@@ -16,7 +16,7 @@ import { Mapping, libc, sys } from '../../src/libc/index.js';
 import type { TargetDefinition } from '../../src/ublk/target.js';
 import type { AsyncTarget } from '../../src/ublk/async-main-thread.js';
 import misbehaving, { type MisbehavingOptions } from './fixtures/misbehaving-target.js';
-import { alive, exists, ublk, ublkIds, waitFor, EXT, ROOT, noDeviceLeftBehind, onKernel } from './helpers.js';
+import { alive, exists, ublk, ublkIds, waitFor, EXT, ROOT, noDeviceLeftBehind, onKernel , ublkInBackground } from './helpers.js';
 
 const MiB = 2 ** 20;
 const TARGET = fileURLToPath(new URL(`./fixtures/misbehaving-target${EXT}`, import.meta.url));
@@ -223,13 +223,7 @@ t.test('an async target\'s late completion, after its queue stopped, writes no c
 
 /** Starts `ublk add ARGS` in the background; resolves to its output when it exits. */
 function addInBackground(args: string[], env: NodeJS.ProcessEnv = process.env) {
-  const child = spawn(process.execPath, [join(ROOT, 'bin', 'ublk.js'), 'add', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
-  child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
-  const done = new Promise<{ code: number | null; stdout: string; stderr: string }>((r) => child.on('close', (code) => r({ code, stdout, stderr })));
-  return { child, done };
+  return ublkInBackground(['add', ...args], env);
 }
 
 /** Waits for a ublk device to appear that was not there before; returns its id. */

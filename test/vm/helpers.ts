@@ -36,6 +36,17 @@ export function ublk(...args: string[]): Run {
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 
+/** `ublk ARGS...` in the background, its output collected: `done` resolves when it exits. */
+export function ublkInBackground(args: string[], env: NodeJS.ProcessEnv = process.env) {
+  const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
+  child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+  const done = new Promise<{ code: number | null; stdout: string; stderr: string }>((r) => child.on('close', (code) => r({ code, stdout, stderr })));
+  return { child, done };
+}
+
 /** `ublk add ...` that must succeed; returns the new device id. */
 export function addDevice(...args: string[]): number {
   const r = ublk('add', ...args);

@@ -5,26 +5,15 @@
  * device serves on).
  */
 import t from 'tap';
-import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { join } from 'node:path';
-import { addDevice, deleteDevice, sh, ublk, ublkIds, waitFor, ROOT, noDeviceLeftBehind, onKernel } from './helpers.js';
+import { addDevice, deleteDevice, sh, ublk, ublkIds, ublkInBackground, waitFor, noDeviceLeftBehind, onKernel } from './helpers.js';
 
 t.afterEach(noDeviceLeftBehind);
 
-const BIN = join(ROOT, 'bin', 'ublk.js');
 /** Lines without their time stamp (`HH:MM:SS.uuuuuu `), which every line must start with. */
 const TIME = /^\d\d:\d\d:\d\d\.\d{6} /;
 
-function run(args: string[]) {
-  const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
-  child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
-  const done = new Promise<{ code: number | null; stdout: string; stderr: string }>((r) => child.on('close', (code) => r({ code, stdout, stderr })));
-  return { child, done };
-}
+const run = (args: string[]) => ublkInBackground(args);
 
 /** One 4 KiB O_DIRECT read at byte 8192 (sector 16) of the device. */
 const readOne = (id: number) => sh('dd', [`if=/dev/ublkb${id}`, 'of=/dev/null', 'bs=4096', 'skip=2', 'count=1', 'iflag=direct', 'status=none']);
