@@ -439,7 +439,7 @@ export class UblkQueue implements QueueContext {
       for (const f of cleanup.reverse()) f();
       throw e;
     }
-    if (opts.trace?.stderr) this.ring.tracer = this.makeTracer(TraceSink.stderr());
+    this.setTracer();
   }
 
   // -------------------------------------------------------------------------------------------
@@ -483,12 +483,17 @@ export class UblkQueue implements QueueContext {
       this.traceGen = gen;
       this.traceSink?.close();
       this.traceSink = this.opts.trace?.fifo ? TraceSink.fifo(this.opts.trace.fifo) : undefined;
-      if (this.traceSink) this.ring.tracer = this.makeTracer(this.traceSink);
-      else if (!this.opts.trace?.stderr) this.ring.tracer = null;
+      this.setTracer();
     } else if (this.traceSink?.closed) {
       this.traceSink = undefined;
-      this.ring.tracer = this.opts.trace?.stderr ? this.makeTracer(TraceSink.stderr()) : null;
+      this.setTracer();
     }
+  }
+
+  /** The ring traces to the reader's FIFO while there is one, else to stderr if asked, else not at all. */
+  private setTracer(): void {
+    const sink = this.traceSink ?? (this.opts.trace?.stderr ? TraceSink.stderr() : undefined);
+    this.ring.tracer = sink ? this.makeTracer(sink) : null;
   }
 
   /** Address of tag 0's I/O buffer; tag t's is at `bufferBase + t * maxIoBytes`. */

@@ -125,15 +125,20 @@ export interface ServerOptions<O> {
 /** How the queues trace: a shared generation word for followTrace, and where the lines go. */
 function queueTrace<O>(opts: ServerOptions<O>, devId: number): { stderr: boolean; word?: SharedArrayBuffer; fifo?: string } {
   return {
-    stderr: opts.trace === true || process.env.UBLK_TRACE === '1',
+    stderr: traceToStderr(opts),
     word: opts.traceFifo !== undefined ? new SharedArrayBuffer(4) : undefined,
     fifo: opts.traceFifo?.(devId),
   };
 }
 
+/** ServerOptions.trace, or UBLK_TRACE=1 in the environment. */
+function traceToStderr<O>(opts: ServerOptions<O>): boolean {
+  return opts.trace === true || process.env.UBLK_TRACE === '1';
+}
+
 /** Traces the control ring to stderr, if the options (or UBLK_TRACE=1) ask for it. */
 function traceControl<O>(ctrl: UblkControl, opts: ServerOptions<O>): void {
-  if (opts.trace === true || process.env.UBLK_TRACE === '1') ctrl.setTracer(new RingTrace('ctrl', TraceSink.stderr().write, controlTraceDecoder));
+  if (traceToStderr(opts)) ctrl.setTracer(new RingTrace('ctrl', TraceSink.stderr().write, controlTraceDecoder));
 }
 
 interface QueueThread {

@@ -18,7 +18,7 @@ import {
   ublk_batch_io, ublksrv_ctrl_cmd, ublksrv_io_cmd, type UblkCommand,
 } from './abi.js';
 import { readIoDesc, type IoDesc } from './wire.js';
-import { getU64 } from '../uring/prep.js';
+import { cmdWord, getU64 } from '../uring/prep.js';
 
 const IO_FLAGS: Array<[number, string]> = [
   [UBLK_IO_F_FAILFAST_DEV, 'FAILFAST_DEV'], [UBLK_IO_F_FAILFAST_TRANSPORT, 'FAILFAST_TRANSPORT'],
@@ -42,9 +42,9 @@ const hex = (n: number) => `0x${n.toString(16)}`;
 const PIPE_BUF = 4096;
 const W = (bytes: number) => bytes / 4;
 
-/** The 16-bit field at byte `at` of the SQE's cmd area (io_uring_sqe.cmd is at word 12). */
+/** The 16-bit field at byte `at` of the SQE's cmd area. */
 function u16(sqes: Uint32Array, w: number, at: number): number {
-  const word = sqes[w + 12 + (at >> 2)]!;
+  const word = sqes[cmdWord(w) + (at >> 2)]!;
   return (at & 2) ? word >>> 16 : word & 0xffff;
 }
 
@@ -52,7 +52,7 @@ function u16(sqes: Uint32Array, w: number, at: number): number {
 export function describeCtrlCmd(sqes: Uint32Array, w: number, cmdOp: number): string | undefined {
   const c = CTRL.get(cmdOp);
   if (!c) return undefined;
-  const at = w + 12;
+  const at = cmdWord(w);
   const devId = sqes[at + W(ublksrv_ctrl_cmd.dev_id)]! | 0;
   const qid = u16(sqes, w, ublksrv_ctrl_cmd.queue_id);
   const len = u16(sqes, w, ublksrv_ctrl_cmd.len);
@@ -71,7 +71,7 @@ export function describeCtrlCmd(sqes: Uint32Array, w: number, cmdOp: number): st
 export function describeIoCmd(sqes: Uint32Array, w: number, cmdOp: number): string | undefined {
   const c = IO.get(cmdOp);
   if (!c) return undefined;
-  const at = w + 12;
+  const at = cmdWord(w);
   const parts = [`UBLK_U_IO_${c.name}`];
   if (c.name.endsWith('_IO_CMDS')) {
     parts.push(`q_id=${u16(sqes, w, ublk_batch_io.q_id)}`, `nr_elem=${u16(sqes, w, ublk_batch_io.nr_elem)}`);
