@@ -262,11 +262,12 @@ export class UblkControl {
   /**
    * ADD_DEV: creates `/dev/ublkcN` (not yet the disk). `devId` undefined lets the kernel pick.
    * Flags the kernel does not support are refused here, by name, rather than silently dropped
-   * as the kernel would; the returned info carries the negotiated flags.
+   * as the kernel would; the returned info carries the negotiated flags. `opts.asIs` sends the
+   * flags unchecked, for the conformance rules that ask what the kernel itself does with them.
    */
-  addDev(info: Partial<DevInfo>): DevInfo {
+  addDev(info: Partial<DevInfo>, opts: { asIs?: boolean } = {}): DevInfo {
     const want = info.flags ?? 0;
-    const unsupported = want & ~this.features() & ~1; // bit 0 (ZERO_COPY) is checked by the caller
+    const unsupported = opts.asIs ? 0 : want & ~this.features() & ~1; // bit 0 (ZERO_COPY) is checked by the caller
     for (let bit = 0; bit < 53; bit++) {
       if (unsupported & 2 ** bit) this.requireFeature(2 ** bit, 'this device');
     }
