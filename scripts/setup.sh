@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `npm run setup`: the Debian packages the host tests and benchmarks need, installed if missing.
-# `npm run setup:vm` (this script with --vm): also the VM tooling and both test kernels.
+# `npm run setup:vm` (this script with --vm): also the VM tooling and the four test kernels.
 #   gcc, libc6-dev   the ABI conformance test compiles C against real kernel headers
 #   dpkg, apt        fetch and unpack Debian sid's linux-libc-dev (scripts/debian-fetch.sh)
 #   liburing-dev     the C reference of the ring benchmark (bench/uring-ref.c)
@@ -15,7 +15,8 @@
 #                    client the nbd target is benchmarked against
 #   qemu-utils       qemu-img (qcow2 images, check, compare), qemu-nbd, qemu-io for the qcow2 target
 #                    (qemu-storage-daemon comes with qemu-system-x86's qemu-system-common)
-# Then it warms the caches (sid headers; with --vm the LTS and newest kernels).
+# Then it warms the caches (sid headers; with --vm the kernels: 6.12 LTS and the newest for the VM
+# suite, 6.16 and 7.2 too for the conformance matrix).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 vm=0
@@ -39,7 +40,8 @@ fi
 cache=${UBLK_CACHE:-$HOME/.cache/ublk}
 scripts/debian-fetch.sh sid "$cache/debs/sid" linux-libc-dev >/dev/null
 if [ $vm = 1 ]; then
-  for k in lts newest; do
+  # lts and newest run the VM suite; 6.16 and 7.2 join them for the conformance matrix.
+  for k in lts newest 6.16 7.2; do
     dir=$(scripts/vm-kernel.sh "$k")
     echo "setup: kernel $k: $(cat "$dir/package")" >&2
   done
