@@ -58,12 +58,12 @@ commands:
                           stop and delete one device or all of them (--safe: not while
                           the disk is open or mounted)
   stop -n ID [--safe]     stop a device (its server then deletes it)
-  recover -n ID [--foreground] [--start-timeout SECONDS]
+  recover -n ID [--foreground] [--start-timeout SECONDS] [--trace]
                           serve a device whose server died, with the target and options
-                          it was added with
-  upgrade -n ID [--start-timeout SECONDS]
+                          it was added with (--trace as for add)
+  upgrade -n ID [--start-timeout SECONDS] [--trace]
                           replace a device's server by a new one (this ublk's code)
-                          without the device going away
+                          without the device going away (--trace: the new server's rings)
   quiesce -n ID           QUIESCE_DEV: the server exits, the device waits for recover
   update_size -n ID -s SIZE
                           change a live device's capacity (bytes, or with K/M/G/T)
@@ -349,8 +349,10 @@ function requireId(cmd: string, values: Record<string, unknown>): number {
 }
 
 /** What a server that recovers the device saved in `st` is given: everything the first one had. */
-function recoveryConfig(st: DeviceState): ServeConfig {
+function recoveryConfig(st: DeviceState, values: Record<string, unknown>): ServeConfig {
   return {
+    // --trace is the new server's own choice, as with add: it is not part of the saved state.
+    trace: values.trace === true ? true : undefined,
     target: st.target, targetOptions: st.targetOptions, devId: st.devId, queues: st.queues, depth: st.depth,
     maxIoBytes: st.maxIoBytes, flags: st.flags, spinUs: st.spinUs, requestTimeoutMs: st.requestTimeoutMs, autoZcFallback: st.autoZcFallback, threadsPerQueue: st.threadsPerQueue, name: st.name, recover: true,
   };
@@ -372,6 +374,7 @@ function savedState(cmd: string, id: number): DeviceState {
 async function recover(argv: string[]): Promise<number> {
   const { values } = parseOptions('recover', argv, [
     { key: 'foreground', names: ['--foreground'], kind: 'flag' },
+    { key: 'trace', names: ['--trace'], kind: 'flag' },
     { key: 'startTimeout', names: ['--start-timeout'], kind: 'count', min: 1, max: 86400 },
     ...idOption(),
   ]);
@@ -389,7 +392,7 @@ async function recover(argv: string[]): Promise<number> {
   } finally {
     ctrl.close();
   }
-  const cfg = recoveryConfig(st);
+  const cfg = recoveryConfig(st, values);
   if (values.foreground) return serve(cfg, (n) => list(['-n', String(n)]));
   return startDetached(cfg, ((values.startTimeout as number | undefined) ?? 60) * 1000);
 }
@@ -405,6 +408,7 @@ async function recover(argv: string[]): Promise<number> {
 async function upgrade(argv: string[]): Promise<number> {
   const { values } = parseOptions('upgrade', argv, [
     { key: 'startTimeout', names: ['--start-timeout'], kind: 'count', min: 1, max: 86400 },
+    { key: 'trace', names: ['--trace'], kind: 'flag' },
     ...idOption(),
   ]);
   const id = requireId('upgrade', values);
@@ -432,7 +436,7 @@ async function upgrade(argv: string[]): Promise<number> {
   }
   await waitForExit(st.pid, 30_000);
   if (pidAlive(st.pid)) throw new UblkError(`device ${id}: the old server (process ${st.pid}) did not exit within 30 s`);
-  const cfg = recoveryConfig(st);
+  const cfg = recoveryConfig(st, values);
   const status = await startDetached(cfg, ((values.startTimeout as number | undefined) ?? 60) * 1000);
   if (status === 0) {
     const now = new RunDir().readState(id);

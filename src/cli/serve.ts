@@ -295,8 +295,10 @@ function watchTraceReaders(runDir: RunDir, server: UblkServer): FSWatcher | unde
       return; // removed again
     }
     if (ino === followed) return; // one FIFO raises several events
-    followed = ino;
-    if (!server.followTrace() && !quiet) log(`device ${server.devId}: a trace reader's FIFO appeared, but nobody reads it`);
+    // Marked as followed only once the server could open it: a later event for the same FIFO
+    // (a reader of an older ublk, which opened it after making it) gets another try.
+    if (server.followTrace()) followed = ino;
+    else if (!quiet) log(`device ${server.devId}: a trace reader's FIFO appeared, but nobody reads it`);
   };
   try {
     const w = watch(runDir.path, { persistent: false }, (_event, file) => {

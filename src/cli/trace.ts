@@ -10,7 +10,7 @@
  * EPIPE and the trace stops. A reader too slow for the device loses lines (counted in the trace):
  * the server never waits for it. One reader at a time: a second one takes the trace over.
  */
-import { lstatSync, openSync, rmSync } from 'node:fs';
+import { lstatSync, openSync, renameSync, rmSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { createInterface } from 'node:readline';
 import { UblkError } from '../ublk/control.js';
@@ -36,12 +36,26 @@ export async function trace(argv: string[]): Promise<number> {
     throw new UblkError(`device ${id} has no running server started by \`ublk add\` (\`ublk list\` shows what there is)`);
   }
   const path = runDir.tracePath(id);
-  rmSync(path, { force: true }); // a reader that was killed left its FIFO behind
-  sys.mkfifo(path, 0o600);
-  // O_RDWR: a FIFO opened for reading alone blocks until a writer comes (fifo(7)). Read as a
-  // pipe on the event loop (libuv polls it), not by a blocking read in the thread pool, which
-  // nothing could interrupt when the reader wants to end.
-  const fd = openSync(path, libc.O_RDWR | libc.O_NONBLOCK | libc.O_CLOEXEC | libc.O_NOFOLLOW);
+  // The FIFO is made and opened under a name of its own, then renamed into place: the server
+  // opens it for writing (O_NONBLOCK, which fails with ENXIO while no reader has it open) as
+  // soon as the name appears, so the name must only appear once we hold the FIFO open. Made
+  // under the final name, the server could come first, fail, and never look again.
+  const fresh = `${path}.${process.pid}.new`;
+  rmSync(fresh, { force: true });
+  sys.mkfifo(fresh, 0o600);
+  let fd: number;
+  try {
+    // O_RDWR: a FIFO opened for reading alone blocks until a writer comes (fifo(7)). Read as a
+    // pipe on the event loop (libuv polls it), not by a blocking read in the thread pool, which
+    // nothing could interrupt when the reader wants to end.
+    fd = openSync(fresh, libc.O_RDWR | libc.O_NONBLOCK | libc.O_CLOEXEC | libc.O_NOFOLLOW);
+    // Replaces the FIFO a killed reader left behind, or that of a reader still following, which
+    // stops getting lines when the server moves to ours (one reader at a time).
+    renameSync(fresh, path);
+  } catch (e) {
+    rmSync(fresh, { force: true });
+    throw e;
+  }
   const ino = lstatSync(path).ino;
   const stream = new Socket({ fd, readable: true, writable: false });
   const lines = createInterface({ input: stream, crlfDelay: Infinity });

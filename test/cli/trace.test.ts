@@ -5,7 +5,7 @@
  */
 import t from 'tap';
 import { spawn } from 'node:child_process';
-import { chmodSync, existsSync, lstatSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync, closeSync } from 'node:fs';
+import { chmodSync, existsSync, lstatSync, mkdtempSync, openSync, readdirSync, rmSync, watch, writeFileSync, writeSync, closeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { libc } from '../../src/libc/index.js';
@@ -53,6 +53,29 @@ t.test('the reader prints what the server writes, stops at --count and removes i
   t.equal(r.stdout.split('\n').length - 1, 3, 'exactly --count lines');
   t.match(r.stdout, /ctrl # device 7/);
   t.notOk(existsSync(fifo), 'the FIFO is gone');
+});
+
+t.test('a server that opens the FIFO at the first event naming it finds the reader there; no FIFO is left under either name', async (t) => {
+  // The server opens the FIFO O_WRONLY|O_NONBLOCK when inotify tells it the name appeared; with
+  // no reader yet that fails with ENXIO, and a reader that made the FIFO under its final name
+  // and opened it after could lose that race (seen: 1 run in 3 of the VM trace test under load).
+  const dir = runDir(t);
+  const name = 'ublkb7.trace';
+  const opened: string[] = [];
+  const w = watch(dir, (_event, file) => {
+    if (file !== name || opened.length > 0) return;
+    try {
+      closeSync(openSync(join(dir, name), libc.O_WRONLY | libc.O_NONBLOCK));
+      opened.push('ok');
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') opened.push((e as NodeJS.ErrnoException).code ?? String(e));
+    }
+  });
+  const done = trace(dir, ['--seconds', '1']);
+  await done;
+  w.close();
+  t.same(opened, ['ok'], 'opened for writing at the first event that named it');
+  t.same(readdirSync(dir).filter((f) => f.includes('.trace')), [], 'no FIFO left behind, under either name');
 });
 
 t.test('a server that never picks the FIFO up: exit 1 within seconds, saying so', async (t) => {

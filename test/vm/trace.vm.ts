@@ -6,7 +6,9 @@
  */
 import t from 'tap';
 import { existsSync } from 'node:fs';
-import { addDevice, deleteDevice, sh, ublk, ublkIds, ublkInBackground, waitFor, noDeviceLeftBehind, onKernel } from './helpers.js';
+import {
+  addDevice, deleteDevice, killServer, sh, state, ublk, ublkIds, ublkInBackground, waitFor, noDeviceLeftBehind, onKernel,
+} from './helpers.js';
 
 t.afterEach(noDeviceLeftBehind);
 
@@ -83,4 +85,30 @@ t.test('ublk trace -n ID follows a running server; the device serves on when the
   const none = ublk('trace', '-n', String(id));
   t.equal(none.code, 1, 'no such device: exit 1');
   t.match(none.stderr, new RegExp(`device ${id} has no running server started by \`ublk add\``));
+});
+
+t.test('recover --trace: the recovering server traces START_USER_RECOVERY, its fetches, END_USER_RECOVERY and the I/O after', onKernel('lts'), async (t) => {
+  const id = addDevice('-t', 'null', '-q', '1', '-d', '4', '-r', '1');
+  t.teardown(() => { ublk('del', '-n', String(id)); });
+  await killServer(t, id);
+  const rec = run(['recover', '-n', String(id), '--foreground', '--trace']);
+  t.ok(await waitFor(() => state(id) === 'LIVE', 60_000), 'the device is LIVE again');
+  readOne(id);
+  rec.child.kill('SIGTERM');
+  const r = await rec.done;
+  t.equal(r.code, 0, 'the recovering server stopped cleanly');
+  const lines = r.stderr.split('\n').filter((l) => TIME.test(l)).map((l) => l.replace(TIME, ''));
+  const order = [
+    new RegExp(`^ctrl SQE URING_CMD fd=\\d+ UBLK_U_CMD_START_USER_RECOVERY dev_id=${id} `),
+    /^q0 SQE URING_CMD flags=FIXED_FILE fd=0 UBLK_U_IO_FETCH_REQ q_id=0 tag=3 /,
+    new RegExp(`^ctrl SQE URING_CMD fd=\\d+ UBLK_U_CMD_END_USER_RECOVERY dev_id=${id} `),
+    /^q0 CQE user_data=cmd tag \d res=0 request: READ sector=16 sectors=8 \(4096 bytes\)$/,
+  ];
+  let at = -1;
+  for (const re of order) {
+    const i = lines.findIndex((l, k) => k > at && re.test(l));
+    t.ok(i > at, `${re.source.slice(1, 70)}... after the step before (line ${i})`);
+    if (i > at) at = i;
+  }
+  t.notOk(lines.some((l) => /UBLK_U_CMD_ADD_DEV/.test(l)), 'and no ADD_DEV: the device was recovered, not made again');
 });
