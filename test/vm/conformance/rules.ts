@@ -17,7 +17,7 @@ import { Mapping, PAGE_SIZE, SysError, libc } from '../../../src/uring/index.js'
 import { UblkControl, UblkError } from '../../../src/ublk/control.js';
 import type { DevInfo, DevParams } from '../../../src/ublk/params.js';
 import {
-  UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_IO_RES_ABORT, UBLK_PARAM_TYPE_BASIC, UBLK_FEATURES, UBLK_MAX_QUEUE_DEPTH,
+  UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_IO_RES_ABORT, UBLK_PARAM_TYPE_BASIC, UBLK_PARAM_TYPE_DISCARD, UBLK_PARAM_TYPE_DEVT, UBLK_FEATURES, UBLK_MAX_QUEUE_DEPTH,
   UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_F_USER_COPY, UBLK_F_NEED_GET_DATA, UBLK_F_UPDATE_SIZE, UBLK_F_USER_RECOVERY,
   UBLK_F_ZONED, UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY_REISSUE, UBLK_F_USER_RECOVERY_FAIL_IO, UBLK_F_UNPRIVILEGED_DEV, UBLK_F_INTEGRITY, UBLK_F_AUTO_BUF_REG, UBLK_F_BUF_REG_OFF_DAEMON,
   UBLK_F_SUPPORT_ZERO_COPY, UBLK_U_IO_REGISTER_IO_BUF, UBLK_U_IO_UNREGISTER_IO_BUF,
@@ -256,24 +256,35 @@ export const RULES: Rule[] = [
   },
   {
     id: 'params-invalid',
-    rule: 'SET_PARAMS refuses with EINVAL a logical block below 512 bytes or above the page size, and a physical block smaller than the logical one',
-    source: 'ublk_validate_params (drivers/block/ublk_drv.c)',
+    rule: 'SET_PARAMS refuses with EINVAL: no basic parameters; a logical block below 512 bytes or above the page size; a physical block smaller than the logical one; max_sectors above max_io_buf_bytes; discard with other than one segment or a zero granularity; a dev_t, which only the kernel sets',
+    source: 'ublk_validate_params, called by ublk_ctrl_set_params (drivers/block/ublk_drv.c)',
     async check() {
       await withDevice({}, async (ctrl, dev) => {
-        const bad: Array<[string, Partial<NonNullable<DevParams['basic']>>]> = [
-          ['logical 256 bytes', { logicalBsShift: 8 }],
-          ['logical above the page size', { logicalBsShift: Math.log2(PAGE_SIZE) + 1, physicalBsShift: Math.log2(PAGE_SIZE) + 1 }],
-          ['physical below logical', { logicalBsShift: 12, physicalBsShift: 9 }],
+        const discard = { discardAlignment: 0, discardGranularity: 4096, maxDiscardSectors: 2048, maxWriteZeroesSectors: 0, maxDiscardSegments: 1 };
+        const bad: Array<[string, (p: DevParams) => void]> = [
+          ['no basic parameters', (p) => { p.types = 0; }],
+          ['logical 256 bytes', (p) => { p.basic!.logicalBsShift = 8; }],
+          ['logical above the page size', (p) => { p.basic!.logicalBsShift = p.basic!.physicalBsShift = Math.log2(PAGE_SIZE) + 1; }],
+          ['physical below logical', (p) => { p.basic!.logicalBsShift = 12; p.basic!.physicalBsShift = 9; }],
+          ['max_sectors above max_io_buf_bytes', (p) => { p.basic!.maxSectors = (MAX_IO >> 9) + 8; }],
+          ['discard with 2 segments', (p) => { p.types |= UBLK_PARAM_TYPE_DISCARD; p.discard = { ...discard, maxDiscardSegments: 2 }; }],
+          ['discard granularity 0', (p) => { p.types |= UBLK_PARAM_TYPE_DISCARD; p.discard = { ...discard, discardGranularity: 0 }; }],
+          ['a dev_t from the server', (p) => { p.types |= UBLK_PARAM_TYPE_DEVT; }],
         ];
         for (const [what, change] of bad) {
           const p = basicParams();
-          Object.assign(p.basic!, change);
+          change(p);
           const r = outcome(() => ctrl.setParams(dev.devId, p));
           if (r !== 'EINVAL') throw new Error(`${what}: ${r}, not EINVAL`);
         }
-        // And the checks are not a blanket refusal: the same device takes valid parameters.
-        ctrl.setParams(dev.devId, basicParams());
+        // And the checks are not a blanket refusal: the same device takes valid parameters,
+        // a valid discard among them.
+        const good = basicParams();
+        good.types |= UBLK_PARAM_TYPE_DISCARD;
+        good.discard = discard;
+        ctrl.setParams(dev.devId, good);
       });
+      return '8 invalid sets refused, a valid one taken';
     },
   },
   {
