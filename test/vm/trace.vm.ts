@@ -7,7 +7,7 @@
 import t from 'tap';
 import { existsSync } from 'node:fs';
 import {
-  addDevice, deleteDevice, killServer, sh, state, ublk, ublkIds, ublkInBackground, waitFor, noDeviceLeftBehind, onKernel,
+  addDevice, deleteDevice, deviceLog, killServer, sh, state, ublk, ublkIds, ublkInBackground, waitFor, noDeviceLeftBehind, onKernel,
 } from './helpers.js';
 
 t.afterEach(noDeviceLeftBehind);
@@ -111,4 +111,18 @@ t.test('recover --trace: the recovering server traces START_USER_RECOVERY, its f
     if (i > at) at = i;
   }
   t.notOk(lines.some((l) => /UBLK_U_CMD_ADD_DEV/.test(l)), 'and no ADD_DEV: the device was recovered, not made again');
+});
+
+t.test('upgrade --trace: the new server traces its recovery and its I/O into the device\'s log', onKernel('newest'), async (t) => {
+  const id = addDevice('-t', 'null', '-q', '1', '-d', '4', '-r', '1', '-i', '1');
+  t.teardown(() => { ublk('del', '-n', String(id)); });
+  t.notMatch(deviceLog(id), /UBLK_U_CMD_/, 'the first server, added without --trace, traced nothing');
+  const r = ublk('upgrade', '-n', String(id), '--trace');
+  t.equal(r.code, 0, r.stderr);
+  readOne(id);
+  const read = /q0 CQE user_data=cmd tag \d res=0 request: READ sector=16 sectors=8 \(4096 bytes\)/;
+  t.ok(await waitFor(() => read.test(deviceLog(id)), 15_000), 'the READ after the upgrade is in the log');
+  const log = deviceLog(id);
+  t.match(log, new RegExp(`ctrl SQE URING_CMD fd=\\d+ UBLK_U_CMD_START_USER_RECOVERY dev_id=${id} `));
+  t.match(log, new RegExp(`ctrl SQE URING_CMD fd=\\d+ UBLK_U_CMD_END_USER_RECOVERY dev_id=${id} `));
 });
