@@ -16,7 +16,7 @@ import { Mapping, libc, sys } from '../../src/libc/index.js';
 import type { TargetDefinition } from '../../src/ublk/target.js';
 import type { AsyncTarget } from '../../src/ublk/async-main-thread.js';
 import misbehaving, { type MisbehavingOptions } from './fixtures/misbehaving-target.js';
-import { alive, exists, ublk, ublkIds, waitFor, EXT, ROOT, noDeviceLeftBehind, onKernel , ublkInBackground } from './helpers.js';
+import { alive, exists, ublk, ublkIds, waitFor, EXT, ROOT, noDeviceLeftBehind, onKernel, ublkInBackground } from './helpers.js';
 
 const MiB = 2 ** 20;
 const TARGET = fileURLToPath(new URL(`./fixtures/misbehaving-target${EXT}`, import.meta.url));

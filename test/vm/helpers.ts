@@ -36,15 +36,27 @@ export function ublk(...args: string[]): Run {
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 
-/** `ublk ARGS...` in the background, its output collected: `done` resolves when it exits. */
-export function ublkInBackground(args: string[], env: NodeJS.ProcessEnv = process.env) {
-  const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env });
+/**
+ * `cmd ARGS...` in the background, its output collected: `done` resolves when it exits, and
+ * `ended()` says whether it has (for loops that must keep serving the device meanwhile).
+ */
+export function spawnCollecting(cmd: string, args: string[], env: NodeJS.ProcessEnv = process.env) {
+  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
   let stdout = '';
   let stderr = '';
+  let exited = false;
   child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
   child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
-  const done = new Promise<{ code: number | null; stdout: string; stderr: string }>((r) => child.on('close', (code) => r({ code, stdout, stderr })));
-  return { child, done };
+  const done = new Promise<{ code: number | null; stdout: string; stderr: string }>((r) => child.on('close', (code) => {
+    exited = true;
+    r({ code, stdout, stderr });
+  }));
+  return { child, done, ended: () => exited };
+}
+
+/** `ublk ARGS...` in the background, its output collected: `done` resolves when it exits. */
+export function ublkInBackground(args: string[], env: NodeJS.ProcessEnv = process.env) {
+  return spawnCollecting(process.execPath, [BIN, ...args], env);
 }
 
 /** `ublk add ...` that must succeed; returns the new device id. */
@@ -182,12 +194,8 @@ export const state = (id: number) => { try { return listed(id).state; } catch { 
 
 /** fio in the background; resolves with its result. */
 export function fioJob(dev: string, args: string[]): { done: Promise<FioResult & { stderr: string }>; pid: number } {
-  const child = spawn('fio', ['--name=t', `--filename=${dev}`, '--output-format=json', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
-  child.stderr.on('data', (d: Buffer) => { err += d.toString(); });
-  return { done: new Promise((res) => child.on('close', (code) => res({ ...parseFio(code ?? -1, out), stderr: err }))), pid: child.pid! };
+  const job = spawnCollecting('fio', ['--name=t', `--filename=${dev}`, '--output-format=json', ...args]);
+  return { done: job.done.then((r) => ({ ...parseFio(r.code ?? -1, r.stdout), stderr: r.stderr })), pid: job.child.pid! };
 }
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 

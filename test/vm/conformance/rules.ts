@@ -10,8 +10,7 @@
  * (what it measured) for the table. `since` or `needs` mark a rule about a command or flag
  * younger than some kernels of the matrix: reported n/a there.
  */
-import { spawn } from 'node:child_process';
-import { closeSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readSync, readdirSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { Worker } from 'node:worker_threads';
 import { Mapping, PAGE_SIZE, SysError, libc } from '../../../src/uring/index.js';
 import { UblkControl, UblkError } from '../../../src/ublk/control.js';
@@ -27,6 +26,7 @@ import {
   HandQueue, MAX_IO, closeAll, fullLength, openChar, otherResult, serveUntil, serveWhile, stopServing, type Answer,
   type HandQueueOptions,
 } from './hand-queue.js';
+import { spawnCollecting } from '../helpers.js';
 
 export interface Rule {
   id: string;
@@ -121,40 +121,36 @@ function outcome(fn: () => void): string {
   }
 }
 
-/** Runs a command (dd) in the background: its exit code and stderr when it ends. */
-function background(cmd: string, args: string[]): { done: () => boolean; result: Promise<{ code: number | null; stderr: string }> } {
-  const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-  let stderr = '';
-  let ended = false;
-  child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
-  const result = new Promise<{ code: number | null; stderr: string }>((resolve) => {
-    child.on('close', (code) => { ended = true; resolve({ code, stderr }); });
-  });
-  return { done: () => ended, result };
-}
-
 /** One 4 KiB O_DIRECT read (or write) of our sector through /dev/ublkbN, optionally on one CPU. */
 function dd(devId: number, dir: 'read' | 'write', file: string, cpu?: number) {
   const io = dir === 'read'
     ? [`if=/dev/ublkb${devId}`, `of=${file}`, `skip=${OUR_SECTOR / 8}`, 'iflag=direct']
     : [`if=${file}`, `of=/dev/ublkb${devId}`, `seek=${OUR_SECTOR / 8}`, 'oflag=direct'];
   const args = ['dd', ...io, 'bs=4096', 'count=1', 'status=none'];
-  return cpu === undefined ? background(args[0]!, args.slice(1)) : background('taskset', ['-c', String(cpu), ...args]);
+  return cpu === undefined ? spawnCollecting(args[0]!, args.slice(1)) : spawnCollecting('taskset', ['-c', String(cpu), ...args]);
 }
 
 async function ddOk(queues: HandQueue[], job: ReturnType<typeof dd>, what: string): Promise<void> {
-  await serveWhile(queues, job.done, what);
-  const r = await job.result;
+  await serveWhile(queues, job.ended, what);
+  const r = await job.done;
   if (r.code !== 0) throw new Error(`${what}: dd exited ${r.code}: ${r.stderr.trim()}`);
 }
 
-/** 4 KiB no two runs share, in /tmp (the VM's tmpfs). */
-function pattern(): { bytes: Buffer; file: string } {
+/**
+ * Runs `fn` with 4 KiB no two runs share, in a file in /tmp (the VM's tmpfs); that file and
+ * every file named after it (FILE.suffix, where a rule keeps what it read back) go afterwards.
+ */
+async function withPattern<T>(fn: (pat: { bytes: Buffer; file: string }) => Promise<T>): Promise<T> {
   const bytes = Buffer.alloc(4096);
   for (let i = 0; i < bytes.length; i += 4) bytes.writeUInt32LE((i * 2654435761 + Date.now()) >>> 0, i);
-  const file = `/tmp/conformance-${process.pid}.pattern`;
+  const name = `conformance-${process.pid}.pattern`;
+  const file = `/tmp/${name}`;
   writeFileSync(file, bytes);
-  return { bytes, file };
+  try {
+    return await fn({ bytes, file });
+  } finally {
+    for (const f of readdirSync('/tmp')) if (f === name || f.startsWith(`${name}.`)) rmSync(`/tmp/${f}`, { force: true });
+  }
 }
 
 /** Sends `op` for (qid, tag) from a worker thread: another task of this process. */
@@ -183,8 +179,11 @@ function flagName(bit: number): string {
  * 'auto' leaves both to the kernel (AUTO_BUF_REG: registered before the fetch completes,
  * unregistered at the commit).
  */
-async function fixedBufferRoundTrip(mode: 'manual' | 'auto', flags: number): Promise<string> {
-  const pat = pattern();
+function fixedBufferRoundTrip(mode: 'manual' | 'auto', flags: number): Promise<string> {
+  return withPattern((pat) => fixedBufferRoundTripWith(pat, mode, flags));
+}
+
+async function fixedBufferRoundTripWith(pat: { bytes: Buffer; file: string }, mode: 'manual' | 'auto', flags: number): Promise<string> {
   let emptied = 0;
   const written = `${pat.file}.written`;
   const readBack = `${pat.file}.read`;
@@ -223,7 +222,6 @@ async function fixedBufferRoundTrip(mode: 'manual' | 'auto', flags: number): Pro
   } finally {
     closeSync(patFd);
     closeSync(writtenFd);
-    for (const f of [pat.file, written, readBack]) rmSync(f, { force: true });
   }
   return `slot empty again after ${emptied} of 2 commits${emptied < 2 ? ' (another request had come for the tag before the others were checked)' : ''}`;
 }
@@ -513,8 +511,7 @@ export const RULES: Rule[] = [
     rule: 'With UBLK_F_USER_COPY a WRITE\'s data is pread and a READ\'s data pwritten on /dev/ublkcN at UBLKSRV_IO_BUF_OFFSET + (q_id << 41 | tag << 25), and the commands carry no buffer address',
     source: 'ublk_ch_read_iter / ublk_ch_write_iter, ublk_user_copy_pos (drivers/block/ublk_drv.c); include/uapi/linux/ublk_cmd.h (UBLK_QID_OFF, UBLK_TAG_OFF)',
     needs: UBLK_F_USER_COPY,
-    async check() {
-      const pat = pattern();
+    check: () => withPattern(async (pat) => {
       let written: Buffer | undefined;
       const answer: Answer = (r, q) => {
         const at = userCopyOffset(r.qid, r.tag);
@@ -529,42 +526,32 @@ export const RULES: Rule[] = [
         }
         return len;
       };
-      try {
-        await withLiveDevice({ queueDepth: 2, flags: UBLK_F_USER_COPY }, { userCopy: true, answer }, async (_ctrl, dev, queues) => {
-          await ddOk(queues, dd(dev.devId, 'write', pat.file), 'a 4 KiB write');
-          if (!written || !written.equals(pat.bytes)) throw new Error(`pread of the WRITE at its user-copy offset gave ${written ? 'other bytes' : 'nothing (the write never came)'}`);
-          const out = `${pat.file}.out`;
-          await ddOk(queues, dd(dev.devId, 'read', out), 'a 4 KiB read');
-          if (!readFileSync(out).equals(pat.bytes)) throw new Error('a READ answered by pwrite at its user-copy offset read back other bytes');
-          rmSync(out);
-        });
-      } finally {
-        rmSync(pat.file, { force: true });
-      }
-    },
+      await withLiveDevice({ queueDepth: 2, flags: UBLK_F_USER_COPY }, { userCopy: true, answer }, async (_ctrl, dev, queues) => {
+        await ddOk(queues, dd(dev.devId, 'write', pat.file), 'a 4 KiB write');
+        if (!written || !written.equals(pat.bytes)) throw new Error(`pread of the WRITE at its user-copy offset gave ${written ? 'other bytes' : 'nothing (the write never came)'}`);
+        const out = `${pat.file}.out`;
+        await ddOk(queues, dd(dev.devId, 'read', out), 'a 4 KiB read');
+        if (!readFileSync(out).equals(pat.bytes)) throw new Error('a READ answered by pwrite at its user-copy offset read back other bytes');
+      });
+    }),
   },
   {
     id: 'need-get-data',
     rule: 'With UBLK_F_NEED_GET_DATA a WRITE is fetched with result UBLK_IO_RES_NEED_GET_DATA and no data; NEED_GET_DATA with a buffer address then brings its data',
     source: 'ublk_need_get_data, ublk_get_data (drivers/block/ublk_drv.c)',
     needs: UBLK_F_NEED_GET_DATA,
-    async check() {
-      const pat = pattern();
+    check: () => withPattern(async (pat) => {
       let got: Buffer | undefined;
       const answer: Answer = (r, q) => {
         if (r.op === UBLK_IO_OP_WRITE && r.startSector === OUR_SECTOR) got = Buffer.from(q.bufs.u8.subarray(r.tag * MAX_IO, r.tag * MAX_IO + r.nrSectors * 512));
         return fullLength(r);
       };
-      try {
-        await withLiveDevice({ queueDepth: 2, flags: UBLK_F_NEED_GET_DATA }, { answer }, async (_ctrl, dev, queues) => {
-          await ddOk(queues, dd(dev.devId, 'write', pat.file), 'a 4 KiB write');
-          if (queues[0]!.needGetData !== 1) throw new Error(`the WRITE came with UBLK_IO_RES_NEED_GET_DATA ${queues[0]!.needGetData} times, not once`);
-          if (!got || !got.equals(pat.bytes)) throw new Error(`after NEED_GET_DATA the buffer held ${got ? 'other bytes' : 'nothing (no WRITE came)'}`);
-        });
-      } finally {
-        rmSync(pat.file, { force: true });
-      }
-    },
+      await withLiveDevice({ queueDepth: 2, flags: UBLK_F_NEED_GET_DATA }, { answer }, async (_ctrl, dev, queues) => {
+        await ddOk(queues, dd(dev.devId, 'write', pat.file), 'a 4 KiB write');
+        if (queues[0]!.needGetData !== 1) throw new Error(`the WRITE came with UBLK_IO_RES_NEED_GET_DATA ${queues[0]!.needGetData} times, not once`);
+        if (!got || !got.equals(pat.bytes)) throw new Error(`after NEED_GET_DATA the buffer held ${got ? 'other bytes' : 'nothing (no WRITE came)'}`);
+      });
+    }),
   },
   {
     id: 'zero-copy',
