@@ -11,7 +11,10 @@
  *     a pwrite gives a READ's (ublk_check_ubuf_dir allows only that direction), and only while
  *     the server owns the request. A target's own memory goes straight to the kernel in one call;
  *     SQEs between a file and the request, and `IoRequest.buffer`, go through the tag buffer,
- *     which is then "staged": read in once for a WRITE, written out at commit for a READ.
+ *     which is then "staged": read in once for a WRITE, written out at commit for a READ. A
+ *     READ that SQEs fill only in part (a target that copies some of its bytes from its own
+ *     memory and reads the rest from a file or a socket) has only the byte ranges those SQEs
+ *     read written out, so that the bytes copied before them stay as they were.
  *   - Fixed buffers (zero copy, auto_zc): the request's own pages are a fixed buffer of the
  *     queue's ring at index = tag (registered by REGISTER_IO_BUF, or by the kernel itself with
  *     AUTO_BUF_REG; the queue does that part). SQEs use READ_FIXED/WRITE_FIXED with sqe->addr
@@ -71,6 +74,11 @@ export class RequestData {
   private readonly length: Uint32Array;
   /** Per tag (copy-free modes): the tag buffer holds the request's data (see the module comment). */
   private readonly staged: Uint8Array;
+  /**
+   * Per tag (user copy, a READ not staged): the byte ranges of the tag buffer that SQEs read into
+   * (prepReadInto), merged, as [from, to, from, to, ...]; written out at commit. Reused arrays.
+   */
+  private readonly readRanges: number[][];
   /** Per tag: a Buffer over its whole tag buffer, made on first use. */
   private readonly views: Array<Buffer | undefined>;
   /**
@@ -91,6 +99,7 @@ export class RequestData {
     this.op = new Uint8Array(o.depth);
     this.length = new Uint32Array(o.depth);
     this.staged = new Uint8Array(o.depth);
+    this.readRanges = Array.from({ length: o.depth }, () => []);
     this.views = new Array<Buffer | undefined>(o.depth);
     this.sized = new Array<Buffer | undefined>(o.depth);
     this.shared = new Float64Array(o.depth);
@@ -109,6 +118,7 @@ export class RequestData {
     this.length[tag] = length;
     this.staged[tag] = this.home === DataHome.TagBuffer ? 1 : 0;
     this.shared[tag] = 0;
+    this.readRanges[tag]!.length = 0;
   }
 
   /**
@@ -119,6 +129,7 @@ export class RequestData {
     this.op[tag] = op;
     this.length[tag] = length;
     this.staged[tag] = 1;
+    this.readRanges[tag]!.length = 0;
     this.shared[tag] = base + offset;
     this.sharedRegion[tag] = region;
     this.sharedOffset[tag] = offset;
@@ -192,8 +203,12 @@ export class RequestData {
       prepReadFixed(s, w, fd, at, len, fileOffset, tag);
       return;
     }
-    // User copy: the READ lands in the tag buffer, which goes to the kernel at commit.
-    this.staged[tag] = 1;
+    // User copy: the READ lands in the tag buffer, whose bytes go to the kernel at commit: all of
+    // them if the tag buffer is the request's data (staged), else the ranges SQEs read into.
+    if (!this.staged[tag]) {
+      if (this.op[tag] === UBLK_IO_OP_READ) addRange(this.readRanges[tag]!, at, at + len);
+      else this.staged[tag] = 1;
+    }
     prepRead(s, w, fd, this.dataAddress(tag) + at, len, fileOffset);
   }
 
@@ -208,6 +223,13 @@ export class RequestData {
 
   copyToRequest(tag: number, src: Buffer, at: number): number {
     if (this.staged[tag]) return src.copy(this.dataView(tag), at);
+    const ranges = this.readRanges[tag]!;
+    if (ranges.length > 0) {
+      // SQEs already read into this READ's tag buffer, which goes out at commit: a later copy
+      // joins it there, so that it lands after those bytes whichever parts overlap.
+      addRange(ranges, at, at + src.length);
+      return src.copy(this.view(tag), at);
+    }
     if (!this.memoryAccess) return -libc.EOPNOTSUPP;
     return this.userCopy(tag, src, at, true);
   }
@@ -238,13 +260,23 @@ export class RequestData {
    * the commit that completes it (so that commit can never be linked behind the target's SQE).
    */
   copiesOut(tag: number): boolean {
-    return this.home !== DataHome.TagBuffer && this.staged[tag] === 1 && this.op[tag] === UBLK_IO_OP_READ && this.shared[tag] === 0;
+    return this.home !== DataHome.TagBuffer && this.op[tag] === UBLK_IO_OP_READ && this.shared[tag] === 0
+      && (this.staged[tag] === 1 || this.readRanges[tag]!.length > 0);
   }
 
-  /** Before tag's commit with result `res`: sends a staged READ's `res` bytes; returns `res` or -errno. */
+  /** Before tag's commit with result `res`: sends a staged READ's first `res` bytes (or what SQEs read of them); returns `res` or -errno. */
   finish(tag: number, res: number): number {
     if (res <= 0 || !this.copiesOut(tag)) return res;
-    return this.userCopy(tag, this.view(tag).subarray(0, res), 0, true);
+    if (this.staged[tag]) return this.userCopy(tag, this.view(tag).subarray(0, res), 0, true);
+    const ranges = this.readRanges[tag]!;
+    for (let i = 0; i < ranges.length; i += 2) {
+      const from = ranges[i]!;
+      const to = Math.min(ranges[i + 1]!, res);
+      if (from >= to) continue;
+      const r = this.userCopy(tag, this.view(tag).subarray(from, to), from, true);
+      if (r < 0) return r;
+    }
+    return res;
   }
 
   /**
@@ -275,6 +307,24 @@ export class RequestData {
     }
     return buf.length;
   }
+}
+
+/** Adds [from, to) to a sorted list of disjoint ranges [f0, t0, f1, t1, ...], merging what overlaps or touches. */
+export function addRange(ranges: number[], from: number, to: number): void {
+  if (ranges.length === 0) {
+    // The usual case, one SQE per READ: no array made (splice returns one).
+    ranges.push(from, to);
+    return;
+  }
+  let i = 0;
+  while (i < ranges.length && ranges[i + 1]! < from) i += 2;
+  let j = i;
+  while (j < ranges.length && ranges[j]! <= to) {
+    from = Math.min(from, ranges[j]!);
+    to = Math.max(to, ranges[j + 1]!);
+    j += 2;
+  }
+  ranges.splice(i, j - i, from, to);
 }
 
 function opName(op: number): string {

@@ -12,7 +12,7 @@ import type { Test } from 'tap';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Mapping, getU64, libc, sys, abi as uringAbi } from '../../src/uring/index.js';
-import { DataHome, RequestData } from '../../src/ublk/request-data.js';
+import { addRange, DataHome, RequestData } from '../../src/ublk/request-data.js';
 import { UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, userCopyOffset } from '../../src/ublk/abi.js';
 import mem from '../../src/targets/mem.js';
 import loop from '../../src/targets/loop.js';
@@ -67,7 +67,7 @@ t.test('copy mode: the tag buffer is the request, copies are a memcpy, SQEs name
 });
 
 t.test('user copy: memory goes straight to the kernel; SQEs and buffer stage through the tag buffer', (t) => {
-  const { d, kernel, setKernel, tagBuf } = setup(t, DataHome.UserCopy);
+  const { d, bufs, kernel, setKernel, tagBuf } = setup(t, DataHome.UserCopy);
   // A READ served from memory: one pwrite at the tag's position, nothing staged.
   d.begin(2, UBLK_IO_OP_READ, 8192);
   const src = randomBytes(8192);
@@ -99,10 +99,32 @@ t.test('user copy: memory goes straight to the kernel; SQEs and buffer stage thr
   t.ok(d.copiesOut(0), 'the commit must wait for the pwrite');
   const rdata = randomBytes(4096);
   rdata.copy(tagBuf(0, 4096)); // what the SQE would have read
-  t.equal(d.copyToRequest(0, Buffer.alloc(512, 7), 512), 512, 'a copy into a staged READ goes to the tag buffer');
+  t.equal(d.copyToRequest(0, Buffer.alloc(512, 7), 512), 512, 'a copy into a READ an SQE read into goes to the tag buffer');
   t.equal(d.finish(0, 4096), 4096);
   rdata.fill(7, 512, 1024);
-  t.ok(kernel(0, 4096).equals(rdata), 'finish sent the staged data, the later copy included');
+  t.ok(kernel(0, 4096).equals(rdata), 'finish sent the SQE\'s data, the later copy included');
+
+  // A READ whose start is copied from memory and whose rest an SQE reads (a network target: the
+  // start of a reply's data was in its receive buffer): only what the SQE read goes out at
+  // commit, the copied start stays as the kernel has it.
+  tagBuf(2, 8192).fill(0xee);
+  d.begin(2, UBLK_IO_OP_READ, 8192);
+  const head = randomBytes(1000);
+  t.equal(d.copyToRequest(2, head, 0), 1000, 'the start: straight to the kernel');
+  d.prepReadInto(s, 0, 2, 9, 0, 1000, 7192);
+  t.equal(field(s, 16), bufs.address + 2 * MAX + 1000, 'the SQE reads into the tag buffer, at byte 1000');
+  const rest = randomBytes(7192);
+  rest.copy(tagBuf(2, 8192), 1000); // what the SQE read
+  t.ok(d.copiesOut(2));
+  t.equal(d.finish(2, 8192), 8192);
+  t.ok(kernel(2, 8192).equals(Buffer.concat([head, rest])), 'the kernel has the copied start and the SQE\'s rest');
+  // Short: a result below the SQE's range sends only up to it.
+  d.begin(2, UBLK_IO_OP_READ, 8192);
+  setKernel(2, Buffer.alloc(8192));
+  d.prepReadInto(s, 0, 2, 9, 0, 4096, 4096);
+  d.prepReadInto(s, 0, 2, 9, 0, 0, 4096);
+  t.equal(d.finish(2, 6000), 6000);
+  t.ok(kernel(2, 8192).equals(Buffer.concat([tagBuf(2, 6000), Buffer.alloc(2192)])), 'the two ranges, merged, went out up to the result, and no further');
 
   // zeroRequest without staging: pwrites of zeros.
   setKernel(1, randomBytes(200000).subarray(0, 65536));
@@ -173,6 +195,25 @@ t.test('a request in a shared region (UBLK_IO_F_SHMEM_ZC): its data is there in 
     // The tag's next request is an ordinary one again.
     d.begin(2, UBLK_IO_OP_READ, 4096);
     t.notOk(d.isShared(2));
+  }
+  t.end();
+});
+
+t.test('addRange: a sorted list of disjoint ranges, merged where they overlap or touch', (t) => {
+  const cases: Array<[number[], [number, number], number[]]> = [
+    [[], [0, 10], [0, 10]],
+    [[0, 10], [10, 20], [0, 20]],
+    [[0, 10], [20, 30], [0, 10, 20, 30]],
+    [[20, 30], [0, 10], [0, 10, 20, 30]],
+    [[0, 10, 20, 30, 40, 50], [5, 45], [0, 50]],
+    [[0, 10, 20, 30, 40, 50], [12, 18], [0, 10, 12, 18, 20, 30, 40, 50]],
+    [[0, 10, 20, 30], [25, 35], [0, 10, 20, 35]],
+    [[0, 10], [2, 3], [0, 10]],
+  ];
+  for (const [before, [from, to], after] of cases) {
+    const r = [...before];
+    addRange(r, from, to);
+    t.same(r, after, `[${before}] + [${from}, ${to})`);
   }
   t.end();
 });
