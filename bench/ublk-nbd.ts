@@ -7,9 +7,10 @@
  * our `-q N` against `nbd-client -C N`, N connections either way, N fio jobs), 4 KiB randread and
  * randwrite at each of `--qds` (default 1,32), fio --direct=1, the two devices interleaved point
  * by point, `--rounds` rounds (default 3), medians. Prints IOPS and ours / kernel; the issue's
- * yardstick is QD 32 (randread + randwrite summed), >= 1.0x. `--modes copy,user_copy` adds a device
- * of ours per mode (`-u`: the data moves by pread/pwrite on /dev/ublkcN, straight between our
- * receive buffer and the request's pages). Each point also prints how busy the VM's CPUs were
+ * yardstick is QD 32 (randread + randwrite summed), >= 1.0x. `--modes copy,user_copy,auto_zc`
+ * adds a device of ours per mode (`-u`, and the zero-copy modes `-z`/`--auto_zc`, which the nbd
+ * target serves the same way: a READ's data goes by pwrite on /dev/ublkcN straight from our
+ * receive buffer into the request, a WRITE's by pread into the tag buffer, then sendmsg). Each point also prints how busy the VM's CPUs were
  * and the CPU time per I/O of the whole VM, and of each command (our server's threads as user
  * and system time): under emulation the CPUs are nearly the limit, so CPU per I/O is where a
  * difference comes from.
@@ -93,7 +94,11 @@ function ticksByComm(): Map<string, number> {
 }
 
 /** Our data-path modes the nbd target serves, as `add` options (--modes). */
-const MODE_ARGS: Record<string, string[]> = { copy: [], user_copy: ['-u'] };
+const MODE_ARGS: Record<string, string[]> = {
+  copy: [], user_copy: ['-u'], zero_copy: ['-z'], auto_zc: ['--auto_zc'],
+  // Batch I/O (7.0): the same data paths, requests fetched and answered in groups.
+  'copy+b': ['-b'], 'auto_zc+b': ['--auto_zc', '-b'],
+};
 
 export async function nbdSuite(c: BenchContext): Promise<Record<string, number>> {
   const transports = c.opt('--transports', 'tcp,unix').split(',');

@@ -20,6 +20,7 @@ import { encodeRequest, handshake, NbdProtocolError, NbdRefusal, probeExport, Re
 import { TargetError } from '../../src/ublk/target.js';
 import { UsageError } from '../../src/targets/options.js';
 import { libc } from '../../src/uring/index.js';
+import { sys } from '../../src/libc/index.js';
 import {
   UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_FLUSH, UBLK_IO_OP_DISCARD, UBLK_IO_OP_WRITE_ZEROES, UBLK_IO_F_FUA,
 } from '../../src/ublk/abi.js';
@@ -345,6 +346,47 @@ t.test('against nbdkit (memory plugin, TCP): every request type, data both ways'
   wait(3);
   t.ok(h.results.get(3)! < 0, `a read past the end fails (${h.results.get(3)})`);
 });
+
+for (const mode of ['copy', 'user_copy'] as const) {
+  t.test(`against nbdkit (memory plugin, Unix socket, ${mode}): 512 KiB and 4 KiB requests in flight together keep their bytes`, { skip: haveNbdkit ? false : 'nbdkit is not installed' }, async (t) => {
+    const sock = join(dir, `modes-${mode}.sock`);
+    const server = await nbdkit(['-U', sock, 'memory', '16M'], () => existsSync(sock));
+    t.teardown(() => server.kill('SIGKILL'));
+    const o = nbdTarget.parseArgs(['--socket', sock]);
+    const spec = await nbdTarget.prepare(o);
+    const standIn = join(dir, `char-${mode}`);
+    writeFileSync(standIn, '');
+    const fd = mode === 'user_copy' ? sys.open(standIn, libc.O_RDWR) : undefined;
+    const h = new TargetHarness(nbdTarget, o, spec.queueData, { depth: 8, maxIoBytes: spec.maxIoBytes!, ...(fd === undefined ? {} : { userCopyFd: fd }) });
+    t.teardown(() => {
+      h.close();
+      if (fd !== undefined) sys.close(fd);
+    });
+    // 512 KiB a request: more than a Unix socket holds at once (its buffer is about 200 KiB),
+    // so a reply's data arrives over several receives, each copied on into the request (in
+    // user copy by pwrite of the char device, here its stand-in file). Then 4 KiB reads, 8 in
+    // flight, several replies a receive.
+    const big = 512 * 1024;
+    const model = randomBytes(4 * big);
+    for (let tag = 0; tag < 4; tag++) {
+      h.setRequestBytes(tag, model.subarray(tag * big, (tag + 1) * big));
+      h.submit(tag, UBLK_IO_OP_WRITE, tag * big, big);
+    }
+    h.runUntil(() => [0, 1, 2, 3].every((tag) => h.results.get(tag) === big), 10_000);
+    for (let tag = 0; tag < 4; tag++) {
+      h.setRequestBytes(tag, Buffer.alloc(big, 0xee));
+      h.submit(tag, UBLK_IO_OP_READ, (3 - tag) * big, big);
+    }
+    h.runUntil(() => [0, 1, 2, 3].every((tag) => h.results.has(tag)), 10_000);
+    const bad = [0, 1, 2, 3].filter((tag) => h.results.get(tag) !== big || !h.buffer(tag, big).equals(model.subarray((3 - tag) * big, (4 - tag) * big)));
+    t.same(bad, [], '4 reads of 512 KiB return the bytes written');
+    const small = 4096;
+    for (let tag = 0; tag < 8; tag++) h.submit(tag, UBLK_IO_OP_READ, tag * 3 * small + 512, small);
+    h.runUntil(() => h.results.size >= 8 && [...Array(8).keys()].every((tag) => h.results.has(tag)), 10_000);
+    const badSmall = [...Array(8).keys()].filter((tag) => h.results.get(tag) !== small || !h.buffer(tag, small).equals(model.subarray(tag * 3 * small + 512, tag * 3 * small + 512 + small)));
+    t.same(badSmall, [], '8 reads of 4 KiB in flight together return their bytes');
+  });
+}
 
 t.test('against nbdkit (file plugin, Unix socket): a server restarted under held requests, and one that never returns', { skip: haveNbdkit ? false : 'nbdkit is not installed' }, async (t) => {
   const sock = join(dir, 'nbd.sock');

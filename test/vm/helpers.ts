@@ -155,12 +155,12 @@ export interface VerifyResult { code: number; error: number; written: number; ve
  * checks it, at QD `qd` (default 32). With 2 jobs each job owns half of the range and runs on
  * a CPU of its own, so that a 2-queue device gets both queues used.
  */
-export function fioVerify(dev: string, o: { bs: string; engine: string; jobs: number; total: number; qd?: number; verifyOnly?: boolean }): VerifyResult {
+export function fioVerify(dev: string, o: { bs: string; engine: string; jobs: number; total: number; qd?: number; verifyOnly?: boolean; bsrange?: string }): VerifyResult {
   const per = o.total / o.jobs;
   const args = [
     `--filename=${dev}`, '--rw=randwrite', `--bs=${o.bs}`, `--iodepth=${o.qd ?? 32}`, `--ioengine=${o.engine}`, '--direct=1',
     `--size=${per}`, '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0',
-    '--output-format=json', ...(o.verifyOnly ? ['--verify_only=1'] : []),
+    '--output-format=json', ...(o.verifyOnly ? ['--verify_only=1'] : []), ...(o.bsrange ? [`--bsrange=${o.bsrange}`] : []),
   ];
   for (let j = 0; j < o.jobs; j++) args.push(`--name=j${j}`, `--offset=${j * per}`, `--cpus_allowed=${j === 0 ? 0 : 3}`);
   const r = spawnSync('fio', args, { encoding: 'utf8', timeout: 600_000 });
