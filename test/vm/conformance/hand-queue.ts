@@ -90,10 +90,10 @@ export class HandQueue {
     return this.bufs.address + tag * MAX_IO;
   }
 
-  private cmd(op: number, tag: number, result: number): void {
+  private cmd(op: number, tag: number, result: number, addr?: number): void {
     const w = this.ring.mustGetSqe();
     // With USER_COPY the kernel refuses a command that names a buffer (EINVAL).
-    prepIoCmd(this.ring.sqes, w, op, this.charFd, false, this.qid, tag, result, this.userCopy || this.autoBufReg ? 0 : this.bufAddr(tag));
+    prepIoCmd(this.ring.sqes, w, op, this.charFd, false, this.qid, tag, result, addr ?? (this.userCopy || this.autoBufReg ? 0 : this.bufAddr(tag)));
     // AUTO_BUF_REG's struct ublk_auto_buf_reg goes in the SQE's own addr, not the command's
     // (ublk_sqe_addr_to_auto_buf_reg), which must stay 0 as in every copy-free mode.
     if (this.autoBufReg) setU64(this.ring.sqes, w + uringAbi.io_uring_sqe.addr / 4, autoBufRegAddr(tag));
@@ -111,10 +111,13 @@ export class HandQueue {
     this.ring.submit(0);
   }
 
-  /** Completes a held request with `res` and fetches the tag's next one. */
-  commit(tag: number, res: number): void {
+  /**
+   * Completes a held request with `res` and fetches the tag's next one; the command names the
+   * tag's buffer, or `addr`. Returns once io_uring_enter has issued it.
+   */
+  commit(tag: number, res: number, addr?: number): void {
     this.held.delete(tag);
-    this.cmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, res);
+    this.cmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, res, addr);
     this.ring.submit(0);
   }
 

@@ -422,6 +422,39 @@ export const RULES: Rule[] = [
     },
   },
   {
+    id: 'commit-buffer',
+    rule: 'A READ\'s data is copied out of the buffer its COMMIT_AND_FETCH_REQ names, not the one its FETCH named, while the command is issued: memory changed once io_uring_enter has returned does not reach the reader',
+    source: '__ublk_ch_uring_cmd / ublk_commit_and_fetch: io->addr takes the command\'s addr, then the request completes and ublk_unmap_io copies from io->addr (drivers/block/ublk_drv.c)',
+    check: () => withPattern(async (pat) => {
+      // So a server may answer a READ from any memory of its own by naming it in the commit, and
+      // reuse that memory once io_uring_enter has returned, if the tag's next request cannot be a
+      // WRITE copied there at dispatch (NEED_GET_DATA). Tried for the nbd target's receive buffer:
+      // correct, and not faster (README, "NBD: -t nbd vs the kernel's NBD client").
+      const hold: Answer = (r) => (r.startSector === OUR_SECTOR && r.op === UBLK_IO_OP_READ ? 'hold' : fullLength(r));
+      const other = Mapping.anonymous(4096);
+      await withLiveDevice({ queueDepth: 2 }, { answer: hold }, async (_ctrl, dev, queues) => {
+        const q = queues[0]!;
+        const out = `${pat.file}.read`;
+        const job = dd(dev.devId, 'read', out);
+        await serveWhile(queues, () => q.held.size > 0, 'our read reaching the queue');
+        const [tag] = [...q.held.keys()];
+        q.bufs.u8.fill(0xa5, tag! * MAX_IO, tag! * MAX_IO + 4096); // what the FETCH's buffer holds
+        pat.bytes.copy(other.bytes());
+        q.commit(tag!, 4096, other.address);
+        other.bytes().fill(0x5a); // after io_uring_enter issued the commit
+        await ddOk(queues, job, 'our read, committed from other memory');
+        const got = readFileSync(out);
+        if (!got.equals(pat.bytes)) {
+          const what = got.every((b) => b === 0xa5) ? 'the bytes of the buffer the FETCH named'
+            : got.every((b) => b === 0x5a) ? 'the bytes written to the commit\'s buffer after io_uring_enter returned (copied later than the issue)' : 'other bytes';
+          throw new Error(`the reader got ${what}, not those the commit's buffer held when it was issued`);
+        }
+      });
+      // Unmapped only now: had the kernel kept the address, it would have been a live one until the device went.
+      other.unmap();
+    }),
+  },
+  {
     id: 'unlisted-flags',
     rule: 'ADD_DEV never grants a UBLK_F_* flag that GET_FEATURES does not list',
     source: 'ublk_ctrl_add_dev masks info.flags with UBLK_F_ALL; GET_FEATURES reports UBLK_F_ALL (drivers/block/ublk_drv.c)',
