@@ -95,7 +95,7 @@ function ticksByComm(): Map<string, number> {
 
 /** Our data-path modes the nbd target serves, as `add` options (--modes). */
 const MODE_ARGS: Record<string, string[]> = {
-  copy: [], user_copy: ['-u'], zero_copy: ['-z'], auto_zc: ['--auto_zc'],
+  copy: [], get_data: ['-g'], user_copy: ['-u'], zero_copy: ['-z'], auto_zc: ['--auto_zc'],
   // Batch I/O (7.0): the same data paths, requests fetched and answered in groups.
   'copy+b': ['-b'], 'auto_zc+b': ['--auto_zc', '-b'],
 };
