@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the C reference server (ublksrv's `ublk`, `ublk.null`, `ublk.loop`) for
-# `npm run bench:ublk -- --suite cost --c-ublk PATH`, without autotools and against Debian's
+# Builds the C reference server (ublksrv's `ublk`, `ublk.null`, `ublk.loop`, `ublk.nbd`) for
+# `npm run bench:ublk -- --suite cost|nbd --c-ublk PATH`, without autotools and against Debian's
 # newest liburing (fetched with scripts/debian-fetch.sh, linked statically, so the binaries run
 # unchanged in the test VM, which shares this machine's root file system).
 #
@@ -47,4 +47,15 @@ for prog in ublk ublk.null ublk.loop; do
   g++ -std=c++20 "${flags[@]}" -c "$src/targets/$prog.cpp" -o "$work/$prog.o"
   g++ -o "$out/$prog" "$work/$prog.o" "$work/tgt.o" "${objs[@]}" "$uring_lib/liburing.a" -pthread
 done
+# The nbd target (`--suite nbd --c-ublk PATH`): its NBD handshake comes from nbd's own client (C).
+if [ -f "$src/targets/nbd/ublk.nbd.cpp" ]; then
+  nbd_objs=()
+  for f in cliserv nbd-client; do
+    gcc "${flags[@]}" -I"$src/targets/nbd" -c "$src/targets/nbd/$f.c" -o "$work/nbd-$f.o"
+    nbd_objs+=("$work/nbd-$f.o")
+  done
+  # configure finds send_zc in Debian's liburing, and defines this.
+  g++ -std=c++20 -fcoroutines "${flags[@]}" -DHAVE_LIBURING_SEND_ZC=1 -I"$src/targets/nbd" -c "$src/targets/nbd/ublk.nbd.cpp" -o "$work/ublk.nbd.o"
+  g++ -o "$out/ublk.nbd" "$work/ublk.nbd.o" "${nbd_objs[@]}" "$work/tgt.o" "${objs[@]}" "$uring_lib/liburing.a" -pthread
+fi
 echo "$out/ublk"

@@ -106,7 +106,11 @@ export async function nbdSuite(c: BenchContext): Promise<Record<string, number>>
   const qds = c.opt('--qds', '1,32').split(',').map(Number);
   const rounds = Number(c.opt('--rounds', '3'));
   const modes = c.opt('--modes', 'copy').split(',');
-  for (const m of modes) if (!(m in MODE_ARGS)) throw new Error(`bench: --modes: ${m} is not one of ${Object.keys(MODE_ARGS).join(', ')}`);
+  // C ublksrv's own nbd target (`--c-ublk PATH`, bench/build-c-ublksrv.sh), as one more "mode":
+  // another userspace ublk server, to tell what any ublk server pays from what ours does.
+  const cBin = c.opt('--c-ublk', '');
+  if (cBin) modes.push('c_ublksrv');
+  for (const m of modes) if (!(m in MODE_ARGS) && m !== 'c_ublksrv') throw new Error(`bench: --modes: ${m} is not one of ${Object.keys(MODE_ARGS).join(', ')}`);
   const mib = 128;
   if (!existsSync('/dev/nbd0')) sh('modprobe', ['-d', c.KROOT, 'nbd', `nbds_max=${Math.max(...queueCounts, 2) * 2}`]);
   const { put, median } = c.sampleSet();
@@ -116,13 +120,16 @@ export async function nbdSuite(c: BenchContext): Promise<Record<string, number>>
     const server = startNbdkit(transport, mib);
     const where = transport === 'unix' ? ['-unix', SOCK] : ['127.0.0.1', String(PORT)];
     const ours = transport === 'unix' ? ['--socket', SOCK] : ['--host', '127.0.0.1', '--port', String(PORT)];
+    const theirs = transport === 'unix' ? ['--unix', SOCK] : ['--host', '127.0.0.1', '--port', String(PORT)];
     const pairs: Array<{ q: number; ours: Array<{ mode: string; dev: string; id: number }>; kernel: string }> = [];
     queueCounts.forEach((q, i) => {
       const nbd = `nbd${i}`;
       sh('nbd-client', [...where, `/dev/${nbd}`, '-b', '4096', '-C', String(q)]);
       c.setNone(nbd);
       const mine = modes.map((mode) => {
-        const id = c.ublkAdd(['-t', 'nbd', ...ours, '-q', String(q), '-d', '128', ...MODE_ARGS[mode]!]);
+        const id = mode === 'c_ublksrv'
+          ? Number(/dev id (\d+)/.exec(sh(cBin, ['add', '-t', 'nbd', ...theirs, '-q', String(q), '-d', '128']))![1])
+          : c.ublkAdd(['-t', 'nbd', ...ours, '-q', String(q), '-d', '128', ...MODE_ARGS[mode]!]);
         c.setNone(`ublkb${id}`);
         return { mode, dev: `ublkb${id}`, id };
       });
@@ -163,7 +170,10 @@ export async function nbdSuite(c: BenchContext): Promise<Record<string, number>>
       }
     }
     for (const { ours: mine, kernel } of pairs) {
-      for (const { id } of mine) c.ublkDel(id);
+      for (const { id, mode } of mine) {
+        if (mode === 'c_ublksrv') sh(cBin, ['del', '-n', String(id)]);
+        else c.ublkDel(id);
+      }
       spawnSync('nbd-client', ['-d', `/dev/${kernel}`]);
     }
     server.kill('SIGTERM');

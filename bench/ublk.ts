@@ -15,7 +15,7 @@
  *
  *   npm run bench:ublk -- [--suite all|null|loop|cost|modes|shmem|async|nbd] [--kernel lts|newest] [--cpus N] [--seconds S] [--rounds N] [--json]
  *   modes suite: [--mode copy,user_copy,zero_copy,auto_zc,copy+b,auto_zc+b] [--targets null,mem,loop-tmpfs,loop-ext4] [--qds 1,32,128] [--queues 1,2] [--threads 1,2]
- *   nbd suite (bench/ublk-nbd.ts: -t nbd vs the kernel's nbd-client, same nbdkit): [--transports tcp,unix] [--queues 1,2] [--qds 1,32] [--modes copy,user_copy,zero_copy,auto_zc]
+ *   nbd suite (bench/ublk-nbd.ts: -t nbd vs the kernel's nbd-client, same nbdkit): [--transports tcp,unix] [--queues 1,2] [--qds 1,32] [--modes copy,get_data,user_copy,zero_copy,auto_zc,copy+b,auto_zc+b] [--c-ublk PATH]
  *   qcow2 suite (bench/ublk-qcow2.ts: -t qcow2 vs qemu-storage-daemon's NBD export + nbd-client, same image): [--mib N] [--qds 1,32]
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
