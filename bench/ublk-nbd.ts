@@ -7,10 +7,11 @@
  * our `-q N` against `nbd-client -C N`, N connections either way, N fio jobs), 4 KiB randread and
  * randwrite at each of `--qds` (default 1,32), fio --direct=1, the two devices interleaved point
  * by point, `--rounds` rounds (default 3), medians. Prints IOPS and ours / kernel; the issue's
- * yardstick is QD 32 (randread + randwrite summed), >= 1.0x. `--modes copy,user_copy,auto_zc`
- * adds a device of ours per mode (`-u`, and the zero-copy modes `-z`/`--auto_zc`, which the nbd
- * target serves the same way: a READ's data goes by pwrite on /dev/ublkcN straight from our
- * receive buffer into the request, a WRITE's by pread into the tag buffer, then sendmsg). Each point also prints how busy the VM's CPUs were
+ * yardstick is QD 32 (randread + randwrite summed), >= 1.0x. `--modes` adds a device of ours per
+ * data path (MODE_ARGS: in `-u` and the zero-copy modes `-z`/`--auto_zc` the nbd target moves a
+ * READ's data by pwrite on /dev/ublkcN straight from its receive buffer into the request, a
+ * WRITE's by pread into the tag buffer, then sendmsg; `+b` adds batch I/O), and `--c-ublk PATH`
+ * one of C ublksrv's own nbd target. Each point also prints how busy the VM's CPUs were
  * and the CPU time per I/O of the whole VM, and of each command (our server's threads as user
  * and system time): under emulation the CPUs are nearly the limit, so CPU per I/O is where a
  * difference comes from.
@@ -26,6 +27,8 @@ export interface BenchContext {
   setNone(dev: string): void;
   ublkAdd(args: string[]): number;
   ublkDel(id: number): unknown;
+  /** `bin add ARGS...` with C ublksrv's CLI (`--c-ublk`): the device's id. */
+  cAdd(bin: string, args: string[]): number;
   sampleSet(): { put(key: string, v: number): void; median(key: string): number };
   k(n: number): string;
   header(): string;
@@ -108,9 +111,9 @@ export async function nbdSuite(c: BenchContext): Promise<Record<string, number>>
   const modes = c.opt('--modes', 'copy').split(',');
   // C ublksrv's own nbd target (`--c-ublk PATH`, bench/build-c-ublksrv.sh), as one more "mode":
   // another userspace ublk server, to tell what any ublk server pays from what ours does.
+  for (const m of modes) if (!(m in MODE_ARGS)) throw new Error(`bench: --modes: ${m} is not one of ${Object.keys(MODE_ARGS).join(', ')}`);
   const cBin = c.opt('--c-ublk', '');
   if (cBin) modes.push('c_ublksrv');
-  for (const m of modes) if (!(m in MODE_ARGS) && m !== 'c_ublksrv') throw new Error(`bench: --modes: ${m} is not one of ${Object.keys(MODE_ARGS).join(', ')}`);
   const mib = 128;
   if (!existsSync('/dev/nbd0')) sh('modprobe', ['-d', c.KROOT, 'nbd', `nbds_max=${Math.max(...queueCounts, 2) * 2}`]);
   const { put, median } = c.sampleSet();
@@ -128,7 +131,7 @@ export async function nbdSuite(c: BenchContext): Promise<Record<string, number>>
       c.setNone(nbd);
       const mine = modes.map((mode) => {
         const id = mode === 'c_ublksrv'
-          ? Number(/dev id (\d+)/.exec(sh(cBin, ['add', '-t', 'nbd', ...theirs, '-q', String(q), '-d', '128']))![1])
+          ? c.cAdd(cBin, ['-t', 'nbd', ...theirs, '-q', String(q), '-d', '128'])
           : c.ublkAdd(['-t', 'nbd', ...ours, '-q', String(q), '-d', '128', ...MODE_ARGS[mode]!]);
         c.setNone(`ublkb${id}`);
         return { mode, dev: `ublkb${id}`, id };

@@ -781,6 +781,6 @@ if (suite === 'cost') Object.assign(out, await costSuite());
 if (suite === 'modes') Object.assign(out, await modesSuite());
 if (suite === 'shmem') Object.assign(out, await shmemSuite());
 if (suite === 'async') Object.assign(out, await asyncSuite());
-if (suite === 'nbd') Object.assign(out, await (await import('./ublk-nbd.js')).nbdSuite({ KROOT, opt, runFio, setNone, ublkAdd, ublkDel, sampleSet, k, header }));
-if (suite === 'qcow2') Object.assign(out, await (await import('./ublk-qcow2.js')).qcow2Suite({ KROOT, opt, runFio, setNone, ublkAdd, ublkDel, sampleSet, k, header }));
+if (suite === 'nbd') Object.assign(out, await (await import('./ublk-nbd.js')).nbdSuite({ KROOT, opt, runFio, setNone, ublkAdd, ublkDel, cAdd, sampleSet, k, header }));
+if (suite === 'qcow2') Object.assign(out, await (await import('./ublk-qcow2.js')).qcow2Suite({ KROOT, opt, runFio, setNone, ublkAdd, ublkDel, cAdd, sampleSet, k, header }));
 if (json) console.log(JSON.stringify(out));
